@@ -1,0 +1,29 @@
+"""Command line: ``python -m heteromem {demo,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m heteromem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="show how heteromem was built and what it uses here")
+    demo = sub.add_parser("demo", help="the main job (for now: the fused Adam benchmark)")
+    from heteromem.cli.demo import add_arguments
+
+    add_arguments(demo)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        import heteromem
+
+        print(heteromem.build_info())
+        return 0
+    from heteromem.cli.demo import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
