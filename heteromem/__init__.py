@@ -7,5 +7,9 @@ Importing heteromem never initialises CUDA and never compiles anything; see
 from heteromem._ext import BuildInfo, HeteromemWarning, build_info
 from heteromem._version import __version__
 from heteromem import ops
+from heteromem.errors import OutOfMemory
+from heteromem.runtime.report import Report, report
+from heteromem.runtime.wrap import wrap
 
-__all__ = ["BuildInfo", "HeteromemWarning", "__version__", "build_info", "ops"]
+__all__ = ["BuildInfo", "HeteromemWarning", "OutOfMemory", "Report", "__version__", "build_info",
+           "ops", "report", "wrap"]

@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heteromem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="show how heteromem was built and what it uses here")
-    demo = sub.add_parser("demo", help="the main job (for now: the fused Adam benchmark)")
+    demo = sub.add_parser("demo", help="train a model whose state is 3x the device budget")
     from heteromem.cli.demo import add_arguments
 
     add_arguments(demo)

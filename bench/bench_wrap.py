@@ -1,0 +1,89 @@
+"""Training-step time of a model trained plainly vs wrapped by hm.wrap, same run, same model.
+
+    .venv/bin/pytest bench/bench_wrap.py                     # CPU group (and CUDA on a GPU)
+    HETEROMEM_BENCH_QUICK=1 .venv/bin/pytest bench/bench_wrap.py --benchmark-disable   # smoke
+
+Group `wrap-cuda-<tokens>` (marker cuda): a GPT that fits the GPU, >= 16k tokens per step,
+trained (i) plainly (fp32 master on the GPU, bf16 autocast, torch fused AdamW) and (ii) wrapped
+in bf16 with a device budget of one third of its bf16 parameter bytes, so at least two thirds
+of the parameters live off the device. Target: (ii) >= 0.8x the throughput of (i).
+Group `wrap-cpu`: the same comparison at a small size on the CPU "device" tier (copies are
+memcpy), to show the paging overhead where no GPU exists.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import heteromem as hm
+from heteromem.models import GPT, GPTConfig
+
+from conftest import quick_mode
+
+
+def _config(device: str) -> tuple[GPTConfig, int]:
+    if quick_mode():
+        return GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64), 2
+    if device == "cuda":
+        # ~160M parameters; 16 x 1024 = 16k tokens per step. A modest vocabulary keeps the
+        # embedding (the largest parameter, so the chunk size) small next to the budget.
+        return GPTConfig(vocab_size=8192, block_size=1024, n_layer=12, n_head=16, n_embd=1024), 16
+    return GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=256), 8
+
+
+def _step_fn(model, opt, batch, autocast: bool, device: str):
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def _run(benchmark, device: str, variant: str) -> None:
+    torch.manual_seed(0)
+    cfg, batch_size = _config(device)
+    base = GPT(cfg)
+    n_params = sum(p.numel() for p in base.parameters())
+    batch = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), device=device)
+    if variant == "plain":
+        model = copy.deepcopy(base).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        step = _step_fn(model, opt, batch, autocast=device == "cuda", device=device)
+        budget = None
+    else:
+        # A third of the bf16 parameter bytes, in chunks the size of the largest parameter (at
+        # least 4 of them: the tied embedding stays pinned through backward).
+        chunk_bytes = int(max(p.numel() for p in base.parameters()) * 2 * 1.01)
+        budget = max(n_params * 2 // 3, 4 * chunk_bytes)
+        model, opt = hm.wrap(copy.deepcopy(base), lr=1e-4, device=device, dtype=torch.bfloat16,
+                             device_memory=budget, chunk_mb=chunk_bytes / 2**20)
+        step = _step_fn(model, opt, batch, autocast=False, device=device)
+    rounds = 3 if quick_mode() else 10
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
+    tokens = batch_size * cfg.block_size
+    median = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    benchmark.extra_info.update(dict(params=n_params, tokens_per_step=tokens, device_budget=budget,
+                                     tokens_per_s=tokens / median if median else None,
+                                     baseline="plain" if variant == "plain" else None))
+    if variant == "wrapped":
+        benchmark.extra_info["report"] = str(hm.report(model))
+
+
+@pytest.mark.parametrize("variant", ["plain", "wrapped"])
+def test_wrap_cpu(benchmark, variant):
+    benchmark.group = "wrap-cpu"
+    _run(benchmark, "cpu", variant)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["plain", "wrapped"])
+def test_wrap_cuda(benchmark, variant):
+    benchmark.group = "wrap-cuda-16k-tokens"
+    _run(benchmark, "cuda", variant)

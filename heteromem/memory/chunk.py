@@ -1,0 +1,133 @@
+"""Chunks: fixed-capacity flat buffers of one dtype holding consecutive parameters.
+
+A chunk has a home on the host (the parameters in the compute dtype, plus fp32 master and
+Adam moments when trainable) and, while in use, a copy on the device tier in a slab. Both
+sides move through states whose allowed transitions are data (`DEVICE_TRANSITIONS`,
+`HOST_TRANSITIONS`), checked on every move, so an illegal move fails at once instead of
+training on wrong data.
+
+Where each parameter's gradient currently is (`ParamSlot.grad_loc`) is tracked per slot:
+  None      no gradient yet this step
+  "device"  in the parameter's own slot of the device copy (its value is no longer needed)
+  "host"    in its slot of the host buffer (copied back; the host value is then a gradient)
+  "acc"     added into the chunk's fp32 accumulation buffer (gradient accumulation, reuse)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+
+class DeviceState(enum.Enum):
+    ABSENT = "absent"     # no device copy
+    LOADING = "loading"   # host-to-device copy in flight
+    PARAMS = "params"     # every slot holds its parameter value
+    MIXED = "mixed"       # some slots hold gradients
+
+
+class HostState(enum.Enum):
+    PARAMS = "params"     # the host buffer holds parameter values
+    GRADS = "grads"       # some slots hold gradients copied back from the device
+    UPDATING = "updating"  # an optimizer update of this chunk is in flight
+
+
+DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
+    DeviceState.ABSENT: frozenset({DeviceState.LOADING, DeviceState.PARAMS}),
+    DeviceState.LOADING: frozenset({DeviceState.PARAMS}),
+    DeviceState.PARAMS: frozenset({DeviceState.MIXED, DeviceState.ABSENT, DeviceState.LOADING}),
+    DeviceState.MIXED: frozenset({DeviceState.MIXED, DeviceState.PARAMS, DeviceState.ABSENT}),
+}
+
+HOST_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
+    HostState.PARAMS: frozenset({HostState.GRADS, HostState.UPDATING}),
+    HostState.GRADS: frozenset({HostState.PARAMS, HostState.UPDATING}),
+    HostState.UPDATING: frozenset({HostState.PARAMS}),
+}
+
+
+class IllegalTransition(AssertionError):
+    """A chunk was asked to move between states that the transition table forbids."""
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """One parameter's place in a chunk."""
+
+    name: str
+    param: torch.nn.Parameter
+    chunk: Chunk
+    offset: int
+    numel: int
+    shape: torch.Size
+    orig_dtype: torch.dtype
+    trainable: bool
+    group: int = 0           # optimizer param group index
+    step: int = 0            # optimizer steps applied to this parameter
+    grad_loc: str | None = None
+
+    @property
+    def range(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+@dataclass(eq=False)
+class Chunk:
+    """A flat buffer of parameters; trainable chunks also own their optimizer state."""
+
+    index: int
+    dtype: torch.dtype           # compute dtype
+    capacity: int                # elements; every device slab holds this many
+    trainable: bool
+    slots: list[ParamSlot] = field(default_factory=list)
+    used: int = 0                # elements occupied, including alignment padding
+    host: torch.Tensor | None = None        # parameters (compute dtype) or, briefly, grads
+    master: torch.Tensor | None = None      # fp32 master (the host buffer itself in fp32 mode)
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    acc: torch.Tensor | None = None         # fp32 gradient accumulation, allocated on demand
+    device_buffer: torch.Tensor | None = None  # storage allocated only while resident
+    allocated: bool = False
+    device_state: DeviceState = DeviceState.ABSENT
+    host_state: HostState = HostState.PARAMS
+    device_stale: bool = False   # the device copy predates the last optimizer update
+    pins: int = 0                # modules currently using the device copy
+    keep_on_device: bool = False
+    load_event: object = None    # CUDA event of the copy that filled the device copy
+    d2h_event: object = None     # CUDA event of the copy that filled the host buffer
+    update: Future | None = None  # optimizer update in flight
+
+    def move_device(self, new: DeviceState) -> None:
+        if new not in DEVICE_TRANSITIONS[self.device_state]:
+            raise IllegalTransition(f"chunk {self.index}: device copy cannot go from "
+                                    f"{self.device_state.value} to {new.value}")
+        self.device_state = new
+
+    def move_host(self, new: HostState) -> None:
+        if new not in HOST_TRANSITIONS[self.host_state]:
+            raise IllegalTransition(f"chunk {self.index}: host buffer cannot go from "
+                                    f"{self.host_state.value} to {new.value}")
+        self.host_state = new
+
+    @property
+    def resident(self) -> bool:
+        return self.device_state in (DeviceState.PARAMS, DeviceState.MIXED, DeviceState.LOADING)
+
+    def device_view(self) -> torch.Tensor:
+        assert self.allocated, f"chunk {self.index} has no device copy"
+        return self.device_buffer[: self.used]
+
+    def host_bytes(self) -> int:
+        """Host bytes this chunk holds (parameters, and fp32 states when trainable)."""
+        total = self.host.numel() * self.host.element_size() if self.host is not None else 0
+        for t in (self.exp_avg, self.exp_avg_sq, self.acc):
+            total += t.numel() * 4 if t is not None else 0
+        if self.master is not None and self.master is not self.host:
+            total += self.master.numel() * 4
+        return total

@@ -1,0 +1,280 @@
+"""The chunk manager: which chunks are on the device, moving them, and where gradients go.
+
+Hooks call `acquire` before a module uses its parameters (forward, backward, recompute) and
+`release` after; `grad_ready` takes each parameter's gradient as autograd finishes it;
+`end_backward` sends every gradient still on the device home. The optimizer reads
+gradients through `grad_source` and writes updates through the host buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+
+from heteromem.errors import OutOfMemory, format_bytes
+from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
+from heteromem.memory.streams import CopyEngine
+from heteromem.memory.tiers import DeviceChunkMemory, Tier
+from heteromem.memory.tracer import Trace
+
+PREFETCH_CHUNKS = 2
+
+
+class ChunkManager:
+    def __init__(self, chunks: list[Chunk], device: torch.device, device_tier: Tier,
+                 host_tier: Tier, slab_bytes: int) -> None:
+        self.chunks = chunks
+        self.device = device
+        self.device_tier, self.host_tier = device_tier, host_tier
+        self.memory = DeviceChunkMemory(device_tier, slab_bytes, device)
+        self.copies = CopyEngine(device)
+        self.trace = Trace()
+        self.fp32 = chunks[0].dtype == torch.float32 if chunks else False
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.update_stall_seconds = 0.0
+
+    # ------------------------------------------------------------------ parameter views
+
+    def placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor standing in for a parameter that is not on the device."""
+        if dtype not in self._placeholders:
+            self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
+        return self._placeholders[dtype]
+
+    def _bind(self, chunk: Chunk) -> None:
+        view = chunk.device_view()
+        for slot in chunk.slots:
+            slot.param.data = view[slot.range].view(slot.shape)
+
+    def _unbind(self, chunk: Chunk) -> None:
+        for slot in chunk.slots:
+            slot.param.data = self.placeholder(chunk.dtype)
+
+    # ------------------------------------------------------------------ residency
+
+    def acquire(self, slots: Iterable[ParamSlot]) -> list[Chunk]:
+        """Makes the chunks of `slots` resident with those parameters' values, and pins them.
+        Returns the pinned chunks (pass them to `release`)."""
+        by_chunk: dict[int, list[ParamSlot]] = {}
+        for slot in slots:
+            by_chunk.setdefault(slot.chunk.index, []).append(slot)
+        pinned = []
+        for index, needed in by_chunk.items():
+            chunk = self.chunks[index]
+            self.trace.record(index)
+            self._make_resident(chunk)
+            if any(s.grad_loc == "device" for s in needed):
+                self._spill(chunk, [s for s in needed if s.grad_loc == "device"])
+            chunk.pins += 1
+            pinned.append(chunk)
+        for chunk in pinned:
+            if chunk.device_state is DeviceState.LOADING:
+                self.copies.wait_for_device_use(chunk.load_event)
+                chunk.load_event = None
+                chunk.move_device(DeviceState.PARAMS)
+        self._prefetch()
+        return pinned
+
+    def release(self, chunks: Iterable[Chunk]) -> None:
+        for chunk in chunks:
+            if chunk.pins <= 0:
+                raise AssertionError(f"chunk {chunk.index} released more often than acquired")
+            chunk.pins -= 1
+
+    def _make_resident(self, chunk: Chunk) -> None:
+        self._wait_update(chunk)
+        if chunk.resident and not chunk.device_stale:
+            return
+        if chunk.host_state is HostState.GRADS:
+            # The host buffer holds gradients but the values are needed again (gradient
+            # accumulation, or a parameter reused after its gradient was sent home).
+            self._activate_acc(chunk)
+        if not chunk.allocated:
+            self._allocate(chunk)
+        chunk.load_event = self.copies.h2d(chunk.device_view(), chunk.host[: chunk.used])
+        chunk.move_device(DeviceState.LOADING)
+        chunk.device_stale = False
+        self._bind(chunk)
+
+    def _allocate(self, chunk: Chunk) -> None:
+        while not self.memory.fits():
+            victim = self._pick_victim(exclude=chunk)
+            if victim is None:
+                pinned = sum(1 for c in self.chunks if c.resident)
+                raise OutOfMemory(
+                    "device", self.memory.slab_bytes, max(self.device_tier.left() or 0, 0),
+                    f"{pinned} chunks of {format_bytes(self.memory.slab_bytes)} are in use at once; raise "
+                    "device_memory, lower chunk_mb, or keep fewer modules on the device",
+                    what=f"chunk {chunk.index}")
+            self.evict(victim)
+        chunk.device_buffer = self.memory.allocate(chunk.device_buffer, chunk.dtype, chunk.capacity,
+                                                   f"chunk {chunk.index}")
+        chunk.allocated = True
+
+    def _pick_victim(self, exclude: Chunk | None = None) -> Chunk | None:
+        best, best_key = None, -1.0
+        for c in self.chunks:
+            if (c is exclude or c.pins > 0 or c.keep_on_device or not c.allocated
+                    or c.device_state is DeviceState.LOADING):
+                continue
+            key = self.trace.eviction_key(c.index)
+            if key > best_key:
+                best, best_key = c, key
+        return best
+
+    def evict(self, chunk: Chunk) -> None:
+        """Frees the device copy; gradients on it are sent home first."""
+        if chunk.device_state is DeviceState.MIXED:
+            self._flush(chunk)
+        self._unbind(chunk)
+        if self.copies.cuda:
+            # NOTE: copies on the copy stream may still read this storage; the caching
+            # allocator must not hand it out before they finish.
+            chunk.device_buffer.record_stream(self.copies.stream)
+        self.memory.free(chunk.device_buffer)
+        chunk.allocated = False
+        if chunk.device_state is not DeviceState.ABSENT:
+            chunk.move_device(DeviceState.ABSENT)
+
+    def _prefetch(self) -> None:
+        """CUDA only: start copying the chunks the trace expects next, if a slab is free."""
+        if not self.copies.cuda:
+            return
+        for index in self.trace.upcoming(PREFETCH_CHUNKS):
+            chunk = self.chunks[index]
+            if chunk.resident and not chunk.device_stale:
+                continue
+            if chunk.update is not None and not chunk.update.done():
+                return  # its optimizer update is still running; prefetch it later
+            if chunk.host_state is not HostState.PARAMS or not self.memory.fits():
+                return
+            self._make_resident(chunk)
+
+    # ------------------------------------------------------------------ gradients
+
+    def grad_ready(self, slot: ParamSlot, grad: torch.Tensor) -> None:
+        """Takes a parameter's (accumulated) gradient from autograd: into the parameter's own
+        device slot when the chunk is resident, else into the fp32 accumulation buffer."""
+        chunk = slot.chunk
+        flat = grad.reshape(-1)
+        if slot.grad_loc == "device":
+            self._wait_loaded(chunk)
+            chunk.device_view()[slot.range].add_(flat)
+        elif (slot.grad_loc is None and not chunk.device_stale
+              and chunk.device_state in (DeviceState.PARAMS, DeviceState.MIXED)):
+            chunk.device_view()[slot.range].copy_(flat)
+            slot.grad_loc = "device"
+            if chunk.device_state is DeviceState.PARAMS:
+                chunk.move_device(DeviceState.MIXED)
+        else:
+            self._activate_acc(chunk)
+            chunk.acc[slot.range].add_(self._to_host(flat))
+            slot.grad_loc = "acc"
+
+    def _wait_loaded(self, chunk: Chunk) -> None:
+        if chunk.device_state is DeviceState.LOADING:
+            self.copies.wait_for_device_use(chunk.load_event)
+            chunk.load_event = None
+            chunk.move_device(DeviceState.PARAMS)
+
+    def end_backward(self) -> None:
+        """Sends every gradient still on the device home (grads are complete per backward)."""
+        for chunk in self.chunks:
+            if chunk.device_state is DeviceState.MIXED:
+                self._flush(chunk)
+
+    def _flush(self, chunk: Chunk) -> None:
+        """Device gradients -> host. The whole chunk is copied into the host buffer when it
+        holds parameters and no accumulation is active (one large copy; slots without a
+        gradient carry the unchanged parameter value); otherwise each gradient is added into
+        the fp32 accumulation buffer."""
+        on_device = [s for s in chunk.slots if s.grad_loc == "device"]
+        if not on_device:
+            chunk.move_device(DeviceState.PARAMS)
+            return
+        acc_in_use = any(s.grad_loc == "acc" for s in chunk.slots)
+        if not acc_in_use and not self.fp32 and chunk.host_state is HostState.PARAMS:
+            chunk.d2h_event = self.copies.d2h(chunk.host[: chunk.used], chunk.device_view())
+            chunk.move_host(HostState.GRADS)
+            for slot in on_device:
+                slot.grad_loc = "host"
+        else:
+            self._activate_acc(chunk)
+            view = chunk.device_view()
+            for slot in on_device:
+                chunk.acc[slot.range].add_(self._to_host(view[slot.range]))
+                slot.grad_loc = "acc"
+        # The device copy now holds gradients where parameters were: reload before reuse.
+        chunk.device_stale = True
+        chunk.move_device(DeviceState.PARAMS)
+
+    def _spill(self, chunk: Chunk, slots: list[ParamSlot]) -> None:
+        """A parameter whose gradient took its device slot is needed again: add the gradients
+        into the accumulation buffer and restore the values from the host."""
+        self._activate_acc(chunk)
+        view = chunk.device_view()
+        events = []
+        for slot in slots:
+            chunk.acc[slot.range].add_(self._to_host(view[slot.range]))
+            slot.grad_loc = "acc"
+            events.append(self.copies.h2d(view[slot.range], chunk.host[slot.range]))
+        for event in events:
+            self.copies.wait_for_device_use(event)
+        if not any(s.grad_loc == "device" for s in chunk.slots):
+            chunk.move_device(DeviceState.PARAMS)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        self.copies.bytes_d2h += t.numel() * t.element_size()
+        return t.to("cpu", torch.float32)
+
+    def _activate_acc(self, chunk: Chunk) -> None:
+        """Gives the chunk an fp32 gradient accumulation buffer and moves host gradients into
+        it, restoring the parameter values on the host from the fp32 master."""
+        if chunk.acc is None:
+            nbytes = chunk.used * 4
+            self.host_tier.reserve(nbytes, f"gradient accumulation of chunk {chunk.index}",
+                                   advice="raise host_memory or lower chunk_mb")
+            chunk.acc = torch.zeros(chunk.used, dtype=torch.float32,
+                                    pin_memory=self.copies.cuda)
+        if chunk.host_state is HostState.GRADS:
+            self.copies.wait_for_host_use(chunk.d2h_event)
+            chunk.d2h_event = None
+            for slot in chunk.slots:
+                if slot.grad_loc == "host":
+                    chunk.acc[slot.range].add_(chunk.host[slot.range])
+                    slot.grad_loc = "acc"
+            chunk.host[: chunk.used].copy_(chunk.master)
+            chunk.move_host(HostState.PARAMS)
+
+    def grads_home(self) -> None:
+        """Waits for every gradient copy to the host (before norms and updates)."""
+        for chunk in self.chunks:
+            if chunk.d2h_event is not None:
+                self.copies.wait_for_host_use(chunk.d2h_event)
+                chunk.d2h_event = None
+
+    def grad_source(self, chunk: Chunk) -> torch.Tensor | None:
+        """The buffer holding this chunk's gradients for the optimizer, or None."""
+        if chunk.acc is not None and any(s.grad_loc == "acc" for s in chunk.slots):
+            return chunk.acc
+        if chunk.host_state is HostState.GRADS:
+            return chunk.host[: chunk.used]
+        return None
+
+    # ------------------------------------------------------------------ optimizer updates
+
+    def _wait_update(self, chunk: Chunk) -> None:
+        if chunk.update is None:
+            return
+        if not chunk.update.done():
+            start = time.perf_counter()
+            chunk.update.result()
+            self.update_stall_seconds += time.perf_counter() - start
+        future, chunk.update = chunk.update, None
+        future.result()  # re-raises an update failure here, in the training thread
+
+    def wait_updates(self) -> None:
+        for chunk in self.chunks:
+            self._wait_update(chunk)

@@ -1,0 +1,1 @@
+"""Runtime: wrap, hooks, the chunked optimizer, reports and state dicts."""

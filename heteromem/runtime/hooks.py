@@ -1,0 +1,144 @@
+"""Module and parameter hooks that page chunks in and out around forward and backward.
+
+- Before a module's forward: its parameters' chunks are made resident and pinned; after, they
+  are released (evictable, not freed).
+- Backward: a hook on each output of a module call pins that call's chunks again just before
+  autograd reaches it; the pin is dropped once every trainable parameter of the module has
+  delivered its gradient (or, for modules without trainable parameters, once the gradients
+  of the call's inputs exist), so a chunk is never evicted between a backward node and the
+  gradient accumulation that still reads the parameter's shape.
+- Each trainable parameter's accumulated gradient goes into the chunk manager
+  (`register_post_accumulate_grad_hook`), and `param.grad` is dropped: no gradient memory
+  outside the chunks.
+- At the end of each backward pass (an autograd engine callback) the remaining pins of that
+  pass are dropped and gradients still on the device are sent home.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from heteromem.memory.chunk import Chunk, ParamSlot
+from heteromem.memory.manager import ChunkManager
+
+
+def _graph_task() -> int:
+    return torch._C._current_graph_task_id()
+
+
+class _Call:
+    """One call of a module: the chunks it pinned for its backward, and what it waits for."""
+
+    __slots__ = ("module", "slots", "waiting", "pinned", "task")
+
+    def __init__(self, module: torch.nn.Module, slots: list[ParamSlot]) -> None:
+        self.module, self.slots = module, slots
+        self.waiting: set[int] = {id(s) for s in slots if s.trainable}
+        self.pinned: list[Chunk] | None = None
+        self.task = -1
+
+
+class Hooks:
+    def __init__(self, manager: ChunkManager, root: torch.nn.Module,
+                 slots_by_module: dict[torch.nn.Module, list[ParamSlot]],
+                 slot_of: dict[int, ParamSlot]) -> None:
+        self.manager = manager
+        self.slots_by_module = slots_by_module
+        self.slot_of = slot_of
+        self._forward_pins: dict[int, list[list[Chunk]]] = {}
+        self._calls_by_task: dict[int, list[_Call]] = {}
+        self._calls_by_slot: dict[int, list[_Call]] = {}
+        self._tasks_with_callback: set[int] = set()
+        self.handles: list[Any] = []
+        self.handles.append(root.register_forward_pre_hook(self._root_pre_forward, prepend=True))
+        for module, slots in slots_by_module.items():
+            self.handles.append(module.register_forward_pre_hook(self._pre_forward))
+            # always_call: a forward that raises (including the early stop of a non-reentrant
+            # checkpoint recomputation) must still release its chunks.
+            self.handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+        for slot in slot_of.values():
+            if slot.trainable:
+                self.handles.append(slot.param.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    # ------------------------------------------------------------------ forward
+
+    def _root_pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if _graph_task() == -1:  # a new forward, not a recomputation inside backward
+            self.manager.trace.new_iteration()
+
+    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        pinned = self.manager.acquire(self.slots_by_module[module])
+        self._forward_pins.setdefault(id(module), []).append(pinned)
+
+    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        pins = self._forward_pins.get(id(module))
+        if not pins:  # the pre-forward hook itself failed (always_call runs us anyway)
+            return
+        self.manager.release(pins.pop())
+        if not torch.is_grad_enabled():
+            return
+        outputs = [t for t in tree_flatten(output)[0]
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outputs:
+            return
+        call = _Call(module, self.slots_by_module[module])
+        for t in outputs:
+            t.register_hook(lambda grad, call=call: self._pre_backward(call))
+        if not call.waiting:
+            inputs = [t for t in tree_flatten(args)[0]
+                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            if inputs:
+                torch.autograd.graph.register_multi_grad_hook(
+                    inputs, lambda grads, call=call: self._unpin(call), mode="any")
+
+    # ------------------------------------------------------------------ backward
+
+    def _ensure_end_callback(self, task: int) -> None:
+        if task in self._tasks_with_callback:
+            return
+        self._tasks_with_callback.add(task)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_backward(task))
+
+    def _pre_backward(self, call: _Call) -> None:
+        if call.pinned is not None:
+            return
+        call.task = _graph_task()
+        self._ensure_end_callback(call.task)
+        call.pinned = self.manager.acquire(call.slots)
+        call.waiting = {id(s) for s in call.slots if s.trainable}
+        self._calls_by_task.setdefault(call.task, []).append(call)
+        for slot in call.slots:
+            if slot.trainable:
+                self._calls_by_slot.setdefault(id(slot), []).append(call)
+
+    def _unpin(self, call: _Call) -> None:
+        if call.pinned:
+            self.manager.release(call.pinned)
+        call.pinned = []
+
+    def _grad_hook(self, param: torch.nn.Parameter) -> None:
+        slot = self.slot_of[id(param)]
+        self._ensure_end_callback(_graph_task())
+        self.manager.grad_ready(slot, param.grad)
+        param.grad = None
+        for call in self._calls_by_slot.pop(id(slot), []):
+            call.waiting.discard(id(slot))
+            if not call.waiting:
+                self._unpin(call)
+
+    def _end_backward(self, task: int) -> None:
+        self._tasks_with_callback.discard(task)
+        for call in self._calls_by_task.pop(task, []):
+            self._unpin(call)
+        self._calls_by_slot = {k: [c for c in v if c.task != task]
+                               for k, v in self._calls_by_slot.items()}
+        self._calls_by_slot = {k: v for k, v in self._calls_by_slot.items() if v}
+        self.manager.end_backward()

@@ -1,0 +1,74 @@
+"""`state_dict()` / `load_state_dict()` of a wrapped model work on full tensors.
+
+Parameters are placeholders while their chunk is off the device, so the wrapped model's
+own methods are replaced (on this instance only) by versions that read parameters from the
+chunks: the fp32 master for trainable ones, the host copy for frozen ones, in the dtype the
+parameter had before wrapping.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import OrderedDict
+
+import torch
+
+from heteromem.memory.chunk import HostState
+
+
+def _slot_names(model: torch.nn.Module) -> dict[str, object]:
+    """Every state-dict name of every wrapped parameter (tied parameters have several)."""
+    return {name: p._heteromem_slot for name, p in model.named_parameters(remove_duplicate=False)
+            if getattr(p, "_heteromem_slot", None) is not None}
+
+
+def install_state_dict_methods(model: torch.nn.Module, state) -> None:
+    original_state_dict = model.state_dict
+    original_load = model.load_state_dict
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        state.synchronize()
+        out = original_state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name, slot in _slot_names(self).items():
+            key = prefix + name
+            if key in out:
+                chunk = slot.chunk
+                source = chunk.master if chunk.trainable else chunk.host
+                out[key] = source[slot.range].view(slot.shape).to(slot.orig_dtype, copy=True)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state.synchronize()
+        names = _slot_names(self)
+        for name, slot in names.items():
+            if name in state_dict and tuple(state_dict[name].shape) != tuple(slot.shape):
+                raise ValueError(f"load_state_dict: {name!r} has shape {tuple(state_dict[name].shape)} "
+                                 f"in the state dict but {tuple(slot.shape)} in the model")
+        rest = OrderedDict((k, v) for k, v in state_dict.items() if k not in names)
+        result = original_load(rest, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in names]
+        missing += [n for n in names if n not in state_dict]
+        unexpected = list(result.unexpected_keys)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                               f"missing keys {missing}, unexpected keys {unexpected}")
+        if state.optimizer is not None:
+            state.optimizer.zero_grad()
+        with torch.no_grad():
+            for name, slot in names.items():
+                if name not in state_dict:
+                    continue
+                chunk = slot.chunk
+                value = state_dict[name].reshape(-1).to("cpu")
+                if chunk.trainable and chunk.master is not chunk.host:
+                    chunk.master[slot.range].copy_(value)
+                    chunk.host[slot.range].copy_(chunk.master[slot.range])
+                else:
+                    chunk.host[slot.range].copy_(value)
+                assert chunk.host_state is HostState.PARAMS
+                if chunk.resident:
+                    chunk.device_stale = True
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    model.state_dict = types.MethodType(state_dict, model)
+    model.load_state_dict = types.MethodType(load_state_dict, model)

@@ -1,0 +1,273 @@
+"""`hm.wrap`: put a model's parameters, gradients and Adam states into paged chunks."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+from typing import Iterable
+
+import torch
+
+from heteromem.errors import OutOfMemory, format_bytes
+from heteromem.memory.chunk import Chunk, ParamSlot
+from heteromem.memory.layout import pack
+from heteromem.memory.manager import ChunkManager
+from heteromem.memory.sizes import parse_size
+from heteromem.memory.tiers import Tier
+from heteromem.runtime.hooks import Hooks
+from heteromem.runtime.optimizer import HeteroAdam
+from heteromem.runtime.report import Report, TierReport
+from heteromem.runtime.scaler import LossScaler
+from heteromem.runtime.state_dict import install_state_dict_methods
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ADAM_KWARGS = ("lr", "betas", "eps", "weight_decay", "adamw")
+# Default chunk: 64 MiB of bf16, never smaller than the largest parameter, and small enough
+# that a model is split into several chunks.
+_DEFAULT_CHUNK_ELEMS = 32 * 2**20
+
+
+def _check_device(device: object) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"hm.wrap: device={device!r} is not a device; use 'cuda', 'cuda:1' or 'cpu'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"hm.wrap: device={device!r} but no CUDA GPU is visible; use device='cpu'")
+        return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    if dev.type != "cpu":
+        raise ValueError(f"hm.wrap: device={device!r} is not supported; use a CUDA device or 'cpu'")
+    return dev
+
+
+def _check_positive(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"hm.wrap: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"hm.wrap: {name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) -> tuple[list[dict], bool]:
+    """The param groups (with hyper-parameters) and whether weight decay is decoupled."""
+    unknown = sorted(set(adam_kwargs) - set(_ADAM_KWARGS))
+    if unknown:
+        raise TypeError(f"hm.wrap: unexpected keyword argument(s) {unknown}; Adam options are {list(_ADAM_KWARGS)}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None:
+        adamw = bool(adam_kwargs.pop("adamw", True))
+        group = dict(params=trainable, lr=adam_kwargs.get("lr", 1e-3),
+                     betas=tuple(adam_kwargs.get("betas", (0.9, 0.999))),
+                     eps=adam_kwargs.get("eps", 1e-8), weight_decay=adam_kwargs.get("weight_decay", 0.0))
+        return [group], adamw
+    if adam_kwargs:
+        raise ValueError(f"hm.wrap: pass Adam options either through the optimizer or as keywords, "
+                         f"not both (got optimizer and {sorted(adam_kwargs)})")
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"hm.wrap: optimizer must be a torch.optim.Adam or AdamW instance (or None), "
+                        f"got {type(optimizer).__name__}")
+    groups = []
+    model_params = {id(p) for p in model.parameters()}
+    for i, g in enumerate(optimizer.param_groups):
+        for key in ("amsgrad", "maximize"):
+            if g.get(key):
+                raise ValueError(f"hm.wrap: optimizer param group {i} has {key}=True, which heteromem "
+                                 "does not implement; use the default (False)")
+        for p in g["params"]:
+            if id(p) not in model_params:
+                raise ValueError(f"hm.wrap: optimizer param group {i} holds a tensor of shape "
+                                 f"{tuple(p.shape)} that is not a parameter of the model")
+        groups.append({k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")})
+    if isinstance(optimizer, torch.optim.AdamW):
+        adamw = True
+    else:
+        adamw = bool(optimizer.defaults.get("decoupled_weight_decay", False))
+    if any(optimizer.state.values()):
+        raise ValueError("hm.wrap: the optimizer has already taken steps; wrap the model before "
+                         "training (its state would be lost)")
+    return groups, adamw
+
+
+class WrapState:
+    """What `hm.wrap` attaches to the model (as `model._heteromem`)."""
+
+    def __init__(self, manager: ChunkManager, hooks: Hooks, optimizer: HeteroAdam | None,
+                 slots: list[ParamSlot], buffer_bytes: int) -> None:
+        self.manager, self.hooks, self.optimizer, self.slots = manager, hooks, optimizer, slots
+        self.buffer_bytes = buffer_bytes
+
+    def synchronize(self) -> None:
+        self.manager.wait_updates()
+
+    def report(self) -> Report:
+        m = self.manager
+        tiers = {
+            "device": TierReport(m.device_tier.budget, m.device_tier.current, m.device_tier.peak),
+            "host": TierReport(m.host_tier.budget, m.host_tier.current, m.host_tier.peak),
+            "nvme": TierReport(None, 0, 0),
+        }
+        return Report(tiers=tiers, bytes_h2d=m.copies.bytes_h2d, bytes_d2h=m.copies.bytes_d2h,
+                      stall_seconds=m.copies.stall_seconds + m.update_stall_seconds,
+                      chunks=len(m.chunks), chunk_bytes=m.memory.slab_bytes,
+                      resident_chunks=sum(1 for c in m.chunks if c.resident),
+                      details={"device buffers (not paged)": self.buffer_bytes})
+
+
+def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+         device: object = None, dtype: torch.dtype = torch.bfloat16, device_memory: object = None,
+         host_memory: object = None, nvme_dir: object = None, chunk_mb: float | None = None,
+         keep_on_device: Iterable[str] = (), max_grad_norm: float | None = None,
+         **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
+    """Wraps `model` so its training state lives in chunks paged between device and host.
+
+    Returns the same module (hooks installed, parameters now views into chunks while in use)
+    and a `torch.optim.Optimizer` (Adam/AdamW) that updates the chunks; None when the model has
+    no trainable parameters. See DESIGN.md section 1 for every argument.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"hm.wrap: model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "_heteromem", None) is not None:
+        raise ValueError("hm.wrap: this model is already wrapped; wrap a model once")
+    if dtype not in _DTYPES:
+        raise ValueError(f"hm.wrap: dtype={dtype!r} is not supported; use torch.bfloat16, torch.float16 "
+                         "or torch.float32")
+    dev = _check_device(device)
+    device_budget = parse_size(device_memory, "device_memory")
+    host_budget = parse_size(host_memory, "host_memory")
+    if nvme_dir is not None:
+        raise ValueError("hm.wrap: nvme_dir is not supported yet (the NVMe tier is not built); "
+                         "leave it unset and give host_memory enough room")
+    chunk_mb = _check_positive("chunk_mb", chunk_mb)
+    max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
+    if isinstance(keep_on_device, str):
+        keep_on_device = (keep_on_device,)
+    modules = dict(model.named_modules())
+    unknown = [n for n in keep_on_device if n not in modules]
+    if unknown:
+        raise ValueError(f"hm.wrap: keep_on_device names unknown module(s) {unknown}; use names "
+                         f"from model.named_modules(), e.g. {list(modules)[1:4]}")
+
+    named = list(model.named_parameters())
+    for name, p in named:
+        if p.is_meta:
+            raise ValueError(f"hm.wrap: parameter {name!r} is on the meta device; materialise the "
+                             "model (e.g. to_empty() and load weights) before wrapping")
+        if getattr(p, "_heteromem_slot", None) is not None:
+            raise ValueError(f"hm.wrap: parameter {name!r} belongs to another wrapped model; "
+                             "parameters cannot be shared between wrapped models")
+        if not p.is_floating_point():
+            raise ValueError(f"hm.wrap: parameter {name!r} has dtype {p.dtype}; only floating-point "
+                             "parameters can be wrapped")
+    groups, adamw = _param_groups(model, optimizer, dict(adam_kwargs))
+    group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    largest = max((p.numel() for _, p in named), default=1)
+    total = sum(p.numel() for _, p in named)
+    if chunk_mb is None:
+        capacity = max(largest, min(_DEFAULT_CHUNK_ELEMS, -(-total // 8)))
+    else:
+        capacity = max(1, int(chunk_mb * 2**20) // elem)
+    chunks = pack(named, capacity, dtype, group_of)
+    slab_bytes = capacity * elem
+
+    device_tier = Tier("device", device_budget)
+    host_tier = Tier("host", host_budget)
+    slots = [s for c in chunks for s in c.slots]
+    slot_of = {id(s.param): s for s in slots}
+    slots_by_module: dict[torch.nn.Module, list[ParamSlot]] = {}
+    for module in model.modules():
+        own = [slot_of[id(p)] for p in module._parameters.values() if p is not None]
+        if own:
+            slots_by_module[module] = own
+    kept = {id(slot_of[id(p)].chunk) for n in keep_on_device for p in modules[n].parameters()}
+    _check_working_set(slots_by_module, len(kept), slab_bytes, device_budget)
+
+    buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
+    _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier)
+    manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
+    for slot in slots:
+        slot.param.data = manager.placeholder(dtype)
+        slot.param._heteromem_slot = slot
+    for chunk in chunks:
+        if id(chunk) in kept:
+            chunk.keep_on_device = True
+            manager.release(manager.acquire(chunk.slots))
+    hooks = Hooks(manager, model, slots_by_module, slot_of)
+    trainable = [s for s in slots if s.trainable]
+    opt = None
+    if trainable:
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+        opt = HeteroAdam([g for g in groups if g["params"]], manager, trainable, adamw=adamw,
+                         max_grad_norm=max_grad_norm,
+                         scaler=LossScaler() if dtype == torch.float16 else None)
+        # Param group indices may have shifted after dropping empty groups.
+        index_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+        for s in trainable:
+            s.group = index_of.get(id(s.param), -1)
+    state = WrapState(manager, hooks, opt, slots, buffer_bytes)
+    model._heteromem = state
+    install_state_dict_methods(model, state)
+    return model, opt
+
+
+def _check_working_set(slots_by_module: dict, kept_chunks: int, slab_bytes: int,
+                       budget: int | None) -> None:
+    """The largest module's chunks (plus the chunks kept resident) must fit the device budget."""
+    if budget is None or not slots_by_module:
+        return
+    module, slots = max(slots_by_module.items(), key=lambda kv: len({id(s.chunk) for s in kv[1]}))
+    needed = (len({id(s.chunk) for s in slots}) + kept_chunks) * slab_bytes
+    if needed > budget:
+        raise OutOfMemory(
+            "device", needed, budget,
+            f"module {type(module).__name__} needs {len({id(s.chunk) for s in slots})} chunk(s) of "
+            f"{format_bytes(slab_bytes)} at once"
+            + (f" plus {kept_chunks} kept on the device" if kept_chunks else "")
+            + "; raise device_memory, lower chunk_mb, or keep fewer modules on the device",
+            what="the largest module's working set")
+
+
+def _move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, tier: Tier) -> int:
+    """Buffers stay on the device (not paged); floating ones take the compute dtype."""
+    total = 0
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            new = buf.to(dev, dtype) if buf.is_floating_point() else buf.to(dev)
+            module._buffers[name] = new
+            total += new.numel() * new.element_size()
+    tier.reserve(total, "the model's buffers", advice="raise device_memory")
+    return total
+
+
+def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier) -> None:
+    """Allocates each chunk's host buffers and copies the parameters in."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    for chunk in chunks:
+        states = 0 if not chunk.trainable else (8 if dtype == torch.float32 else 12)
+        host_tier.reserve(chunk.used * (elem + states), f"chunk {chunk.index}",
+                          advice="raise host_memory (the NVMe tier is not built yet)")
+        chunk.host = torch.zeros(chunk.used, dtype=dtype, pin_memory=pin)
+        if chunk.trainable:
+            chunk.master = chunk.host if dtype == torch.float32 else torch.zeros(
+                chunk.used, dtype=torch.float32, pin_memory=pin)
+            chunk.exp_avg = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
+            chunk.exp_avg_sq = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
+        with torch.no_grad():
+            for slot in chunk.slots:
+                data = slot.param.detach().reshape(-1)
+                if chunk.trainable and chunk.master is not chunk.host:
+                    chunk.master[slot.range].copy_(data)
+                    chunk.host[slot.range].copy_(chunk.master[slot.range])
+                else:
+                    chunk.host[slot.range].copy_(data)
