@@ -17,16 +17,17 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack(named_params: list[tuple[str, torch.nn.Parameter]], capacity: int,
+def pack(entries: list[tuple[str, torch.nn.Parameter, torch.Size]], capacity: int,
          dtype: torch.dtype, group_of: dict[int, int]) -> list[Chunk]:
-    """Assigns each parameter a slot; returns the chunks (no buffers allocated yet).
+    """Assigns each (name, parameter, shape) a slot; returns the chunks (no buffers yet).
+    Shapes are passed because a wrapped parameter's `.data` may be a placeholder.
 
     Raises ValueError when a parameter is larger than the chunk capacity.
     """
     chunks: list[Chunk] = []
     open_chunk: dict[bool, Chunk] = {}
-    for name, param in named_params:
-        numel = param.numel()
+    for name, param, shape in entries:
+        numel = shape.numel()
         if numel > capacity:
             raise ValueError(
                 f"chunk_mb is too small: parameter {name!r} has {numel} elements but a chunk holds "
@@ -40,7 +41,7 @@ def pack(named_params: list[tuple[str, torch.nn.Parameter]], capacity: int,
             open_chunk[trainable] = chunk
         offset = _align(chunk.used)
         chunk.slots.append(ParamSlot(name=name, param=param, chunk=chunk, offset=offset,
-                                     numel=numel, shape=param.shape, orig_dtype=param.dtype,
+                                     numel=numel, shape=shape, orig_dtype=param.dtype,
                                      trainable=trainable, group=group_of.get(id(param), 0)))
         chunk.used = offset + numel
     return chunks

@@ -52,6 +52,11 @@ class Hooks:
         self._calls_by_task: dict[int, list[_Call]] = {}
         self._calls_by_slot: dict[int, list[_Call]] = {}
         self._tasks_with_callback: set[int] = set()
+        # The first iteration records the order in which parameters are first used; when it
+        # ends, `on_first_use_order` (set by wrap) may re-pack the chunks in that order.
+        self.first_use: list[ParamSlot] | None = []
+        self._first_use_seen: set[int] = set()
+        self.on_first_use_order = None
         self.handles: list[Any] = []
         self.handles.append(root.register_forward_pre_hook(self._root_pre_forward, prepend=True))
         for module, slots in slots_by_module.items():
@@ -71,10 +76,19 @@ class Hooks:
     # ------------------------------------------------------------------ forward
 
     def _root_pre_forward(self, module: torch.nn.Module, args: Any) -> None:
-        if _graph_task() == -1:  # a new forward, not a recomputation inside backward
-            self.manager.trace.new_iteration()
+        if _graph_task() != -1:  # a recomputation inside backward, not a new forward
+            return
+        if self.first_use and self.on_first_use_order is not None:
+            if self.on_first_use_order(self.first_use):
+                self.first_use = None
+        self.manager.trace.new_iteration()
 
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self.first_use is not None:
+            for slot in self.slots_by_module[module]:
+                if id(slot) not in self._first_use_seen:
+                    self._first_use_seen.add(id(slot))
+                    self.first_use.append(slot)
         pinned = self.manager.acquire(self.slots_by_module[module])
         self._forward_pins.setdefault(id(module), []).append(pinned)
 

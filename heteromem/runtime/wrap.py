@@ -13,6 +13,7 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.layout import pack
 from heteromem.memory.manager import ChunkManager
+from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
 from heteromem.memory.tiers import Tier
 from heteromem.runtime.hooks import Hooks
@@ -106,6 +107,31 @@ class WrapState:
     def synchronize(self) -> None:
         self.manager.wait_updates()
 
+    def repack_in_first_use_order(self, order: list[ParamSlot]) -> bool:
+        """Called when the first iteration ends. Returns True when done with the order (packed
+        anew or already in order), False to retry at the next iteration boundary (gradients
+        were pending: gradient accumulation across the boundary)."""
+        m = self.manager
+        current = {id(s.param): (s.chunk.index, s.offset) for c in m.chunks for s in c.slots}
+        seen = {id(s) for s in order}
+        rest = [s for c in m.chunks for s in c.slots if id(s) not in seen]
+        planned = pack([(s.name, s.param, s.shape) for s in order + rest], m.chunks[0].capacity,
+                       m.chunks[0].dtype, {})
+        if all(current[id(s.param)] == (c.index, s.offset) for c in planned for s in c.slots):
+            return True
+        if not can_repack(m):
+            return False
+        mapping = repack(m, order, pin=m.copies.cuda)
+        self.slots = [mapping[id(s)] for s in self.slots]
+        for slot in self.slots:
+            slot.param._heteromem_slot = slot
+        self.hooks.slot_of = {id(s.param): s for s in self.slots}
+        self.hooks.slots_by_module = {mod: [mapping[id(s)] for s in slots]
+                                      for mod, slots in self.hooks.slots_by_module.items()}
+        if self.optimizer is not None:
+            self.optimizer.slots = [s for s in self.slots if s.trainable]
+        return True
+
     def report(self) -> Report:
         m = self.manager
         tiers = {
@@ -175,7 +201,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         capacity = max(largest, min(_DEFAULT_CHUNK_ELEMS, -(-total // 8)))
     else:
         capacity = max(1, int(chunk_mb * 2**20) // elem)
-    chunks = pack(named, capacity, dtype, group_of)
+    chunks = pack([(n, p, p.shape) for n, p in named], capacity, dtype, group_of)
     slab_bytes = capacity * elem
 
     device_tier = Tier("device", device_budget)
@@ -214,6 +240,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         for s in trainable:
             s.group = index_of.get(id(s.param), -1)
     state = WrapState(manager, hooks, opt, slots, buffer_bytes)
+    hooks.on_first_use_order = state.repack_in_first_use_order
     model._heteromem = state
     install_state_dict_methods(model, state)
     return model, opt
