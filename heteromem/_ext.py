@@ -8,6 +8,7 @@ no compilation). When it is missing, fails to load (e.g. built against another t
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ def warn_fallback(reason: str) -> None:
                   HeteromemWarning, stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether torch.ops.heteromem.<op> has a compiled kernel for this device type."""
+    """Whether torch.ops.heteromem.<op> has a compiled kernel for this device type (cached:
+    the answer cannot change after import, and ops are called once per chunk)."""
     if not LOADED:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
