@@ -1,5 +1,5 @@
-// AVX2 + FMA + F16C path: 8 floats per iteration, the scalar element loop for the tail.
-// Operation order is adam_element's (common/adam_math.h), so results are bit-identical.
+// AVX2 + FMA + F16C path: the vector traits (8 floats) and bf16/fp16 loads and stores; the
+// loop itself is adam_core_simd.h, shared with the AVX-512 path.
 #include "adam_core_tail.h"
 
 #if defined(__x86_64__)
@@ -13,6 +13,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #endif
+
+#include "adam_core_simd.h"
 
 namespace heteromem::cpu {
 namespace {
@@ -55,61 +57,27 @@ inline void store_lowp8(void* lowp, int64_t i, __m256 p) {
   }
 }
 
-template <ElemType G, ElemType L>
-void update(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  const __m256 inv_grad_scale = _mm256_set1_ps(s.inv_grad_scale);
-  const __m256 l2 = _mm256_set1_ps(s.l2_weight_decay);
-  const __m256 decay = _mm256_set1_ps(s.decay_factor);
-  const __m256 beta1 = _mm256_set1_ps(s.beta1);
-  const __m256 one_minus_beta1 = _mm256_set1_ps(s.one_minus_beta1);
-  const __m256 beta2 = _mm256_set1_ps(s.beta2);
-  const __m256 one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
-  const __m256 inv_bc2 = _mm256_set1_ps(s.inv_bias_corr2_sqrt);
-  const __m256 eps = _mm256_set1_ps(s.eps);
-  const __m256 step_size = _mm256_set1_ps(s.step_size);
-  int64_t i = begin;
-  for (; i + 8 <= end; i += 8) {
-    __m256 p = _mm256_loadu_ps(b.param + i);
-    __m256 g = _mm256_mul_ps(load_grad8<G>(b.grad, i), inv_grad_scale);
-    if (s.use_l2) g = _mm256_add_ps(g, _mm256_mul_ps(p, l2));
-    if (s.use_decay) p = _mm256_mul_ps(p, decay);
-    const __m256 m = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(b.exp_avg + i), beta1),
-                                   _mm256_mul_ps(g, one_minus_beta1));
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(b.exp_avg_sq + i), beta2),
-                                   _mm256_mul_ps(_mm256_mul_ps(g, g), one_minus_beta2));
-    const __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), inv_bc2), eps);
-    p = _mm256_sub_ps(p, _mm256_mul_ps(_mm256_div_ps(m, denom), step_size));
-    _mm256_storeu_ps(b.exp_avg + i, m);
-    _mm256_storeu_ps(b.exp_avg_sq + i, v);
-    _mm256_storeu_ps(b.param + i, p);
-    store_lowp8<L>(b.param_lowp, i, p);
-  }
-  adam_elements(b, s, i, end);
-}
-
-template <ElemType G>
-void dispatch_lowp(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  switch (b.lowp_type) {
-    case ElemType::kBFloat16:
-      return update<G, ElemType::kBFloat16>(b, s, begin, end);
-    case ElemType::kFloat16:
-      return update<G, ElemType::kFloat16>(b, s, begin, end);
-    default:
-      return update<G, ElemType::kNone>(b, s, begin, end);
-  }
-}
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V sqrt(V a) { return _mm256_sqrt_ps(a); }
+  template <ElemType G>
+  static V load_grad(const void* grad, int64_t i) { return load_grad8<G>(grad, i); }
+  template <ElemType L>
+  static void store_lowp(void* lowp, int64_t i, V p) { store_lowp8<L>(lowp, i, p); }
+};
 
 }  // namespace
 
 void adam_update_avx2(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  switch (b.grad_type) {
-    case ElemType::kBFloat16:
-      return dispatch_lowp<ElemType::kBFloat16>(b, s, begin, end);
-    case ElemType::kFloat16:
-      return dispatch_lowp<ElemType::kFloat16>(b, s, begin, end);
-    default:
-      return dispatch_lowp<ElemType::kFloat32>(b, s, begin, end);
-  }
+  adam_update_simd<Avx2>(b, s, begin, end);
 }
 
 }  // namespace heteromem::cpu
