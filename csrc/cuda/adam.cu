@@ -46,9 +46,12 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <typename GradT, typename LowpT, int N>
-__global__ void adam_kernel(float* __restrict__ param, const GradT* __restrict__ grad,
+// NOTE: `grad` and `lowp` may be the same buffer (the runtime keeps a parameter's gradient in
+// its own slot and writes the updated value back there); each element is read before it is
+// written, by the same thread, so neither pointer is __restrict__.
+__global__ void adam_kernel(float* __restrict__ param, const GradT* grad,
                             float* __restrict__ exp_avg, float* __restrict__ exp_avg_sq,
-                            LowpT* __restrict__ lowp, int64_t n, AdamScalars s) {
+                            LowpT* lowp, int64_t n, AdamScalars s) {
   const int64_t packs = n / N;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;

@@ -99,6 +99,7 @@ class Chunk:
     device_stale: bool = False   # the device copy predates the last optimizer update
     pins: int = 0                # modules currently using the device copy
     keep_on_device: bool = False
+    states_on_device: bool = False  # master/moments (and gradients) live on the device tier
     load_event: object = None    # CUDA event of the copy that filled the device copy
     d2h_event: object = None     # CUDA event of the copy that filled the host buffer
     update: Future | None = None  # optimizer update in flight

@@ -34,6 +34,8 @@ class ChunkManager:
         self.fp32 = chunks[0].dtype == torch.float32 if chunks else False
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.update_stall_seconds = 0.0
+        # Most chunks (not kept on the device) pinned at once so far: what paging needs.
+        self.peak_pinned = 0
 
     # ------------------------------------------------------------------ parameter views
 
@@ -69,6 +71,8 @@ class ChunkManager:
                 self._spill(chunk, [s for s in needed if s.grad_loc == "device"])
             chunk.pins += 1
             pinned.append(chunk)
+        self.peak_pinned = max(self.peak_pinned, sum(
+            1 for c in self.chunks if c.pins > 0 and not c.keep_on_device))
         for chunk in pinned:
             if chunk.device_state is DeviceState.LOADING:
                 self.copies.wait_for_device_use(chunk.load_event)
@@ -99,19 +103,22 @@ class ChunkManager:
         self._bind(chunk)
 
     def _allocate(self, chunk: Chunk) -> None:
-        while not self.memory.fits():
-            victim = self._pick_victim(exclude=chunk)
-            if victim is None:
-                pinned = sum(1 for c in self.chunks if c.resident)
-                raise OutOfMemory(
-                    "device", self.memory.slab_bytes, max(self.device_tier.left() or 0, 0),
-                    f"{pinned} chunks of {format_bytes(self.memory.slab_bytes)} are in use at once; raise "
-                    "device_memory, lower chunk_mb, or keep fewer modules on the device",
-                    what=f"chunk {chunk.index}")
-            self.evict(victim)
+        self.make_room(self.memory.slab_bytes, f"chunk {chunk.index}", exclude=chunk)
         chunk.device_buffer = self.memory.allocate(chunk.device_buffer, chunk.dtype, chunk.capacity,
                                                    f"chunk {chunk.index}")
         chunk.allocated = True
+
+    def make_room(self, nbytes: int, what: str, exclude: Chunk | None = None) -> None:
+        """Evicts unpinned chunks (furthest next use first) until `nbytes` fit the device tier."""
+        while not self.device_tier.fits(nbytes):
+            victim = self._pick_victim(exclude=exclude)
+            if victim is None:
+                pinned = sum(1 for c in self.chunks if c.resident)
+                raise OutOfMemory(
+                    "device", nbytes, max(self.device_tier.left() or 0, 0),
+                    f"{pinned} chunks of {format_bytes(self.memory.slab_bytes)} are in use at once; raise "
+                    "device_memory, lower chunk_mb, or keep fewer modules on the device", what=what)
+            self.evict(victim)
 
     def _pick_victim(self, exclude: Chunk | None = None) -> Chunk | None:
         best, best_key = None, -1.0
@@ -170,7 +177,7 @@ class ChunkManager:
                 chunk.move_device(DeviceState.MIXED)
         else:
             self._activate_acc(chunk)
-            chunk.acc[slot.range].add_(self._to_host(flat))
+            chunk.acc[slot.range].add_(self._to_acc(chunk, flat))
             slot.grad_loc = "acc"
 
     def _wait_loaded(self, chunk: Chunk) -> None:
@@ -180,9 +187,10 @@ class ChunkManager:
             chunk.move_device(DeviceState.PARAMS)
 
     def end_backward(self) -> None:
-        """Sends every gradient still on the device home (grads are complete per backward)."""
+        """Sends every gradient still on the device home (grads are complete per backward),
+        except those of chunks whose optimizer state is on the device: they are used there."""
         for chunk in self.chunks:
-            if chunk.device_state is DeviceState.MIXED:
+            if chunk.device_state is DeviceState.MIXED and not chunk.states_on_device:
                 self._flush(chunk)
 
     def _flush(self, chunk: Chunk) -> None:
@@ -204,7 +212,7 @@ class ChunkManager:
             self._activate_acc(chunk)
             view = chunk.device_view()
             for slot in on_device:
-                chunk.acc[slot.range].add_(self._to_host(view[slot.range]))
+                chunk.acc[slot.range].add_(self._to_acc(chunk, view[slot.range]))
                 slot.grad_loc = "acc"
         # The device copy now holds gradients where parameters were: reload before reuse.
         chunk.device_stale = True
@@ -217,16 +225,22 @@ class ChunkManager:
         view = chunk.device_view()
         events = []
         for slot in slots:
-            chunk.acc[slot.range].add_(self._to_host(view[slot.range]))
+            chunk.acc[slot.range].add_(self._to_acc(chunk, view[slot.range]))
             slot.grad_loc = "acc"
-            events.append(self.copies.h2d(view[slot.range], chunk.host[slot.range]))
+            if chunk.states_on_device:  # the host copy is not kept current for these chunks
+                view[slot.range].copy_(chunk.master[slot.range])
+            else:
+                events.append(self.copies.h2d(view[slot.range], chunk.host[slot.range]))
         for event in events:
             self.copies.wait_for_device_use(event)
         if not any(s.grad_loc == "device" for s in chunk.slots):
             chunk.move_device(DeviceState.PARAMS)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        self.copies.bytes_d2h += t.numel() * t.element_size()
+    def _to_acc(self, chunk: Chunk, t: torch.Tensor) -> torch.Tensor:
+        """`t` as fp32 on the device of the chunk's accumulation buffer (counting the copy)."""
+        if chunk.states_on_device:
+            return t.to(self.device, torch.float32)
+        self.copies.bytes_d2h += t.numel() * t.element_size()  # device tier -> host tier
         return t.to("cpu", torch.float32)
 
     def _activate_acc(self, chunk: Chunk) -> None:
@@ -234,10 +248,16 @@ class ChunkManager:
         it, restoring the parameter values on the host from the fp32 master."""
         if chunk.acc is None:
             nbytes = chunk.used * 4
-            self.host_tier.reserve(nbytes, f"gradient accumulation of chunk {chunk.index}",
-                                   advice="raise host_memory or lower chunk_mb")
-            chunk.acc = torch.zeros(chunk.used, dtype=torch.float32,
-                                    pin_memory=self.copies.cuda)
+            tier = self.device_tier if chunk.states_on_device else self.host_tier
+            if chunk.states_on_device:
+                self.make_room(nbytes, f"gradient accumulation of chunk {chunk.index}", exclude=chunk)
+            tier.reserve(nbytes, f"gradient accumulation of chunk {chunk.index}",
+                         advice=f"raise {tier.name}_memory or lower chunk_mb")
+            if chunk.states_on_device:
+                chunk.acc = torch.zeros(chunk.used, dtype=torch.float32, device=self.device)
+            else:
+                chunk.acc = torch.zeros(chunk.used, dtype=torch.float32,
+                                        pin_memory=self.copies.cuda)
         if chunk.host_state is HostState.GRADS:
             self.copies.wait_for_host_use(chunk.d2h_event)
             chunk.d2h_event = None
@@ -258,7 +278,16 @@ class ChunkManager:
     def grad_source(self, chunk: Chunk) -> torch.Tensor | None:
         """The buffer holding this chunk's gradients for the optimizer, or None."""
         if chunk.acc is not None and any(s.grad_loc == "acc" for s in chunk.slots):
+            if chunk.states_on_device and any(s.grad_loc == "device" for s in chunk.slots):
+                # Some gradients still sit in their slots: add them in, so one buffer has all.
+                view = chunk.device_view()
+                for slot in chunk.slots:
+                    if slot.grad_loc == "device":
+                        chunk.acc[slot.range].add_(view[slot.range])
+                        slot.grad_loc = "acc"
             return chunk.acc
+        if chunk.states_on_device and any(s.grad_loc == "device" for s in chunk.slots):
+            return chunk.device_view()
         if chunk.host_state is HostState.GRADS:
             return chunk.host[: chunk.used]
         return None
@@ -274,6 +303,16 @@ class ChunkManager:
             self.update_stall_seconds += time.perf_counter() - start
         future, chunk.update = chunk.update, None
         future.result()  # re-raises an update failure here, in the training thread
+
+    def restore_device_values(self, chunk: Chunk) -> None:
+        """Discarding gradients of a chunk whose state is on the device: slots holding a
+        gradient get their parameter value back from the master."""
+        view = chunk.device_view()
+        for slot in chunk.slots:
+            if slot.grad_loc == "device":
+                view[slot.range].copy_(chunk.master[slot.range])
+        if chunk.device_state is DeviceState.MIXED:
+            chunk.move_device(DeviceState.PARAMS)
 
     def wait_updates(self) -> None:
         for chunk in self.chunks:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import heteromem.ops as hm_ops
-from heteromem.memory.chunk import Chunk, HostState, ParamSlot
+from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
 from heteromem.memory.manager import ChunkManager
 from heteromem.runtime.scaler import LossScaler
 
@@ -106,7 +106,11 @@ class HeteroAdam(torch.optim.Optimizer):
             for slot in chunk.slots:
                 slot.grad_loc = None
             chunk.move_host(HostState.UPDATING)
-            chunk.update = self._worker.submit(self._update, chunk, source, runs, grad_scale)
+            if chunk.states_on_device:
+                # GPU Adam, queued on the current stream: nothing to wait for on the host.
+                self._update(chunk, source, runs, grad_scale)
+            else:
+                chunk.update = self._worker.submit(self._update, chunk, source, runs, grad_scale)
         return loss
 
     def synchronize(self) -> None:
@@ -120,6 +124,8 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def _discard(self, chunk: Chunk) -> None:
         self.manager._wait_update(chunk)
+        if chunk.states_on_device:
+            self.manager.restore_device_values(chunk)
         for slot in chunk.slots:
             slot.grad_loc = None
         if chunk.acc is not None:
@@ -129,20 +135,22 @@ class HeteroAdam(torch.optim.Optimizer):
             chunk.move_host(HostState.PARAMS)
 
     def _global_norm(self, chunks: list[Chunk]) -> float:
-        total = torch.zeros((), dtype=torch.float64)
+        """sqrt of the sum of squared per-parameter norms, as clip_grad_norm_ computes it;
+        summed per device so there is one synchronisation per device, not per parameter."""
+        squares: dict[torch.device, list[torch.Tensor]] = {}
         for chunk in chunks:
             source = self.manager.grad_source(chunk)
             for slot in chunk.slots:
-                if slot.grad_loc in ("host", "acc"):
-                    total += torch.linalg.vector_norm(source[slot.range], dtype=torch.float32
-                                                      ).double() ** 2
-        return math.sqrt(total.item())
+                if slot.grad_loc in ("host", "acc", "device"):
+                    norm = torch.linalg.vector_norm(source[slot.range], dtype=torch.float32)
+                    squares.setdefault(norm.device, []).append(norm.double() ** 2)
+        return math.sqrt(sum(torch.stack(v).sum().item() for v in squares.values()))
 
     def _runs(self, chunk: Chunk) -> list[_Run]:
         runs: list[_Run] = []
         current: _Run | None = None
         for slot in chunk.slots:
-            if slot.grad_loc not in ("host", "acc"):
+            if slot.grad_loc not in ("host", "acc", "device") or slot.group < 0:
                 current = None
                 continue
             group = self.param_groups[slot.group]
@@ -164,17 +172,27 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def _update(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run],
                 grad_scale: float) -> None:
-        fp32 = chunk.master is chunk.host
+        on_device = chunk.states_on_device
+        # Where the updated compute-dtype values go: the host buffer, or (state on the device)
+        # straight into the resident device copy, over the gradients read from it.
+        target = chunk.device_view() if on_device else chunk.host
+        fp32 = chunk.dtype == torch.float32
         for run in runs:
             sl = slice(run.start, run.end)
+            lowp = None if fp32 or (not on_device and chunk.master is chunk.host) else target[sl]
             hm_ops.adam_step_(chunk.master[sl], source[sl], chunk.exp_avg[sl], chunk.exp_avg_sq[sl],
                               step=run.step, lr=run.lr, betas=run.betas, eps=run.eps,
                               weight_decay=run.weight_decay, adamw=self.adamw,
-                              grad_scale=grad_scale,
-                              param_lowp=None if fp32 else chunk.host[sl])
+                              grad_scale=grad_scale, param_lowp=lowp)
+            if fp32 and on_device:
+                target[sl].copy_(chunk.master[sl])
         if source is chunk.acc:
             chunk.acc.zero_()
-        chunk.device_stale = True
+        if on_device:
+            if chunk.device_state is DeviceState.MIXED:
+                chunk.move_device(DeviceState.PARAMS)
+        else:
+            chunk.device_stale = True
         chunk.move_host(HostState.PARAMS)
 
     def state_dict(self):

@@ -27,6 +27,7 @@ class Report:
     chunks: int = 0
     chunk_bytes: int = 0
     resident_chunks: int = 0
+    state_chunks_on_device: int = 0   # chunks updated on the device (optimizer state there)
     details: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -36,7 +37,8 @@ class Report:
             lines.append(f"{name:<8}{budget:>14}{format_bytes(t.current_bytes):>14}"
                          f"{format_bytes(t.peak_bytes):>14}")
         lines.append(f"chunks: {self.chunks} of {format_bytes(self.chunk_bytes)} "
-                     f"({self.resident_chunks} on the device now)")
+                     f"({self.resident_chunks} on the device now, {self.state_chunks_on_device} "
+                     "with their optimizer state there)")
         lines.append(f"moved: host->device {format_bytes(self.bytes_h2d)}, "
                      f"device->host {format_bytes(self.bytes_d2h)}; "
                      f"stalled {self.stall_seconds:.3f} s waiting for copies/updates")

@@ -34,7 +34,7 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
             if key in out:
                 chunk = slot.chunk
                 source = chunk.master if chunk.trainable else chunk.host
-                out[key] = source[slot.range].view(slot.shape).to(slot.orig_dtype, copy=True)
+                out[key] = source[slot.range].view(slot.shape).to("cpu", slot.orig_dtype, copy=True)
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -66,7 +66,9 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
                 else:
                     chunk.host[slot.range].copy_(value)
                 assert chunk.host_state is HostState.PARAMS
-                if chunk.resident:
+                if chunk.states_on_device:
+                    chunk.device_view()[slot.range].copy_(chunk.master[slot.range])
+                elif chunk.resident:
                     chunk.device_stale = True
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 

@@ -13,6 +13,7 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.layout import pack
 from heteromem.memory.manager import ChunkManager
+from heteromem.memory.placement import promote_planned
 from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
 from heteromem.memory.tiers import Tier
@@ -107,10 +108,19 @@ class WrapState:
     def synchronize(self) -> None:
         self.manager.wait_updates()
 
-    def repack_in_first_use_order(self, order: list[ParamSlot]) -> bool:
-        """Called when the first iteration ends. Returns True when done with the order (packed
-        anew or already in order), False to retry at the next iteration boundary (gradients
-        were pending: gradient accumulation across the boundary)."""
+    def first_iteration_done(self, order: list[ParamSlot]) -> bool:
+        """Called when the first iteration ends: re-pack the chunks in the order of first use,
+        then move as many chunks' optimizer state to the device as the budget allows. Returns
+        False to be asked again at the next boundary (gradients were pending: gradient
+        accumulation across the boundary)."""
+        if not can_repack(self.manager):
+            return False
+        self.repack_in_first_use_order(order)
+        # Paging must keep room for as many chunks as the first iteration pinned at once.
+        promote_planned(self.manager, self.manager.peak_pinned, self.buffer_bytes)
+        return True
+
+    def repack_in_first_use_order(self, order: list[ParamSlot]) -> None:
         m = self.manager
         current = {id(s.param): (s.chunk.index, s.offset) for c in m.chunks for s in c.slots}
         seen = {id(s) for s in order}
@@ -118,9 +128,7 @@ class WrapState:
         planned = pack([(s.name, s.param, s.shape) for s in order + rest], m.chunks[0].capacity,
                        m.chunks[0].dtype, {})
         if all(current[id(s.param)] == (c.index, s.offset) for c in planned for s in c.slots):
-            return True
-        if not can_repack(m):
-            return False
+            return
         mapping = repack(m, order, pin=m.copies.cuda)
         self.slots = [mapping[id(s)] for s in self.slots]
         for slot in self.slots:
@@ -130,7 +138,6 @@ class WrapState:
                                       for mod, slots in self.hooks.slots_by_module.items()}
         if self.optimizer is not None:
             self.optimizer.slots = [s for s in self.slots if s.trainable]
-        return True
 
     def report(self) -> Report:
         m = self.manager
@@ -143,7 +150,8 @@ class WrapState:
                       stall_seconds=m.copies.stall_seconds + m.update_stall_seconds,
                       chunks=len(m.chunks), chunk_bytes=m.memory.slab_bytes,
                       resident_chunks=sum(1 for c in m.chunks if c.resident),
-                      details={"device buffers (not paged)": self.buffer_bytes})
+                      details={"device buffers (not paged)": self.buffer_bytes},
+                      state_chunks_on_device=sum(1 for c in m.chunks if c.states_on_device))
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -240,7 +248,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         for s in trainable:
             s.group = index_of.get(id(s.param), -1)
     state = WrapState(manager, hooks, opt, slots, buffer_bytes)
-    hooks.on_first_use_order = state.repack_in_first_use_order
+    hooks.on_first_use_order = state.first_iteration_done
     model._heteromem = state
     install_state_dict_methods(model, state)
     return model, opt

@@ -91,6 +91,23 @@ def test_every_cpu_path_gives_the_same_bits(path, adamw, monkeypatch):
                     assert_same_bits(a, b, f"{path} {grad_dtype}->{lowp_dtype} {name}")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("lowp_dtype", [torch.bfloat16, torch.float16])
+def test_param_lowp_may_alias_grad(lowp_dtype, device):
+    """The runtime reads a gradient from a parameter's slot and writes the new value there."""
+    n = 4099
+    param, m, v = make_state(n, device)
+    shared = torch.randn(n, device=device).to(lowp_dtype)
+    ref = [t.clone() for t in (param, m, v)]
+    ref_lowp = torch.empty_like(shared)
+    reference.adam_step_(ref[0], shared.clone(), ref[1], ref[2], step=2, lr=1e-2, beta1=0.9,
+                         beta2=0.999, eps=1e-8, weight_decay=0.0, adamw=True, grad_scale=1.0,
+                         param_lowp=ref_lowp)
+    hm.ops.adam_step_(param, shared, m, v, step=2, lr=1e-2, param_lowp=shared)
+    for a, b in zip((param, m, v, shared), ref + [ref_lowp]):
+        assert_same_bits(a, b, "aliased grad/param_lowp")
+
+
 def test_nan_and_inf_propagate_as_in_pytorch():
     n = 64
     param, m, v = make_state(n)

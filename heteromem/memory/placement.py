@@ -1,0 +1,81 @@
+"""Placement: which chunks keep their optimizer state on the device.
+
+Decided once, when the first iteration has ended (so the order of use is known and chunks are
+packed in it): in forward order, a trainable chunk moves its fp32 master and Adam moments to
+the device, and stays resident there, as long as the device budget still holds those states,
+the model's buffers, the chunks kept on the device, and - unless every chunk became resident -
+the slabs paging needs (the largest module's chunks plus prefetch). Such a chunk is updated
+on the device (GPU Adam) without any copy; the others are updated on the host (CPU Adam).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from heteromem.memory.chunk import Chunk
+from heteromem.memory.manager import PREFETCH_CHUNKS, ChunkManager
+
+STATE_BYTES_PER_ELEM = 12  # fp32 master + exp_avg + exp_avg_sq
+# Planned, not reserved up front: the fp32 gradient accumulation buffer such a chunk allocates
+# on the device if gradients are accumulated or a parameter is reused after its gradient.
+ACC_BYTES_PER_ELEM = 4
+
+
+def plan_device_states(manager: ChunkManager, working_set_chunks: int,
+                       fixed_bytes: int) -> list[Chunk]:
+    """The chunks (in forward order) whose optimizer state fits on the device."""
+    budget = manager.device_tier.budget
+    trainable = [c for c in manager.chunks if c.trainable]
+    if budget is None:
+        return trainable
+    slab = manager.memory.slab_bytes
+    kept = sum(1 for c in manager.chunks if c.keep_on_device)
+    paging = (working_set_chunks + (PREFETCH_CHUNKS if manager.copies.cuda else 0)) * slab
+    frozen_paged = sum(1 for c in manager.chunks if not c.trainable and not c.keep_on_device)
+    chosen: list[Chunk] = []
+    states = 0
+    for chunk in trainable:
+        candidate = chosen + [chunk]
+        candidate_states = states + chunk.used * (STATE_BYTES_PER_ELEM + ACC_BYTES_PER_ELEM)
+        slabs = kept + sum(1 for c in candidate if not c.keep_on_device)
+        everything_resident = len(candidate) == len(trainable) and frozen_paged == 0
+        needed = fixed_bytes + slabs * slab + candidate_states + (0 if everything_resident else paging)
+        if needed > budget:
+            break
+        chosen, states = candidate, candidate_states
+    return chosen
+
+
+def promote(manager: ChunkManager, chunk: Chunk) -> None:
+    """Moves a chunk's optimizer state to the device and keeps its parameters resident."""
+    manager.wait_updates()
+    chunk.keep_on_device = True
+    manager.release(manager.acquire(chunk.slots))
+    nbytes = chunk.used * STATE_BYTES_PER_ELEM
+    manager.make_room(nbytes, f"optimizer state of chunk {chunk.index}")
+    manager.device_tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}",
+                                advice="raise device_memory")
+    fp32 = chunk.master is chunk.host
+    host_state_bytes = chunk.used * (8 if fp32 else 12)
+    chunk.master = chunk.master.to(manager.device, copy=True)
+    chunk.exp_avg = chunk.exp_avg.to(manager.device)
+    chunk.exp_avg_sq = chunk.exp_avg_sq.to(manager.device)
+    if chunk.acc is not None:
+        manager.host_tier.release(chunk.used * 4)
+        chunk.acc = None
+    manager.host_tier.release(host_state_bytes)
+    chunk.states_on_device = True
+
+
+def promote_planned(manager: ChunkManager, working_set_chunks: int, fixed_bytes: int) -> int:
+    """Plans and promotes; returns how many chunks now keep their state on the device."""
+    plan = plan_device_states(manager, working_set_chunks, fixed_bytes)
+    if not plan:
+        return 0
+    for chunk in manager.chunks:  # start from a clean device: only kept chunks stay
+        if chunk.allocated and not chunk.keep_on_device and chunk.pins == 0:
+            manager.evict(chunk)
+    for chunk in plan:
+        promote(manager, chunk)
+    return len(plan)
+
