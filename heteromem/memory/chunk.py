@@ -98,6 +98,7 @@ class Chunk:
     host_state: HostState = HostState.PARAMS
     device_stale: bool = False   # the device copy predates the last optimizer update
     pins: int = 0                # modules currently using the device copy
+    soft_pins: int = 0           # backward calls that may still need it (evictable last)
     keep_on_device: bool = False
     states_on_device: bool = False  # master/moments (and gradients) live on the device tier
     load_event: object = None    # CUDA event of the copy that filled the device copy

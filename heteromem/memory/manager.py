@@ -59,6 +59,12 @@ class ChunkManager:
     def acquire(self, slots: Iterable[ParamSlot]) -> list[Chunk]:
         """Makes the chunks of `slots` resident with those parameters' values, and pins them.
         Returns the pinned chunks (pass them to `release`)."""
+        # Device buffers and parameter views made under torch.inference_mode() would be
+        # inference tensors, unusable by every later training step.
+        with torch.inference_mode(False):
+            return self._acquire(slots)
+
+    def _acquire(self, slots: Iterable[ParamSlot]) -> list[Chunk]:
         by_chunk: dict[int, list[ParamSlot]] = {}
         for slot in slots:
             by_chunk.setdefault(slot.chunk.index, []).append(slot)
@@ -87,6 +93,19 @@ class ChunkManager:
                 raise AssertionError(f"chunk {chunk.index} released more often than acquired")
             chunk.pins -= 1
 
+    def soften(self, chunks: Iterable[Chunk]) -> None:
+        """Turns pins into soft pins: the chunks stay resident while the device tier has room,
+        but may be evicted when nothing else can go (see `_pick_victim`)."""
+        for chunk in chunks:
+            self.release([chunk])
+            chunk.soft_pins += 1
+
+    def release_soft(self, chunks: Iterable[Chunk]) -> None:
+        for chunk in chunks:
+            if chunk.soft_pins <= 0:
+                raise AssertionError(f"chunk {chunk.index} soft-released more often than softened")
+            chunk.soft_pins -= 1
+
     def _make_resident(self, chunk: Chunk) -> None:
         self._wait_update(chunk)
         if chunk.resident and not chunk.device_stale:
@@ -113,21 +132,26 @@ class ChunkManager:
         while not self.device_tier.fits(nbytes):
             victim = self._pick_victim(exclude=exclude)
             if victim is None:
-                pinned = sum(1 for c in self.chunks if c.resident)
+                in_use = [c for c in self.chunks if c.allocated]
+                kept = sum(1 for c in in_use if c.keep_on_device)
                 raise OutOfMemory(
                     "device", nbytes, max(self.device_tier.left() or 0, 0),
-                    f"{pinned} chunks of {format_bytes(self.memory.slab_bytes)} are in use at once; raise "
-                    "device_memory, lower chunk_mb, or keep fewer modules on the device", what=what)
+                    f"{len(in_use) - kept} chunk(s) of {format_bytes(self.memory.slab_bytes)} are in "
+                    f"use" + (f" and {kept} kept on the device" if kept else "")
+                    + f", and {what} needs room too; raise device_memory, lower chunk_mb, or keep "
+                    "fewer modules on the device", what=what)
             self.evict(victim)
 
     def _pick_victim(self, exclude: Chunk | None = None) -> Chunk | None:
-        best, best_key = None, -1.0
+        """The evictable chunk used furthest in the future; soft-pinned chunks only when no
+        other chunk can go."""
+        best, best_key = None, (True, -1.0)
         for c in self.chunks:
             if (c is exclude or c.pins > 0 or c.keep_on_device or not c.allocated
                     or c.device_state is DeviceState.LOADING):
                 continue
-            key = self.trace.eviction_key(c.index)
-            if key > best_key:
+            key = (c.soft_pins == 0, self.trace.eviction_key(c.index))
+            if best is None or key > best_key:
                 best, best_key = c, key
         return best
 
@@ -164,6 +188,10 @@ class ChunkManager:
     def grad_ready(self, slot: ParamSlot, grad: torch.Tensor) -> None:
         """Takes a parameter's (accumulated) gradient from autograd: into the parameter's own
         device slot when the chunk is resident, else into the fp32 accumulation buffer."""
+        if slot.group < 0:
+            # Trainable but given to no optimizer param group: torch's optimizer would never
+            # read this gradient, and storing it would overwrite the parameter in its slot.
+            return
         chunk = slot.chunk
         flat = grad.reshape(-1)
         if slot.grad_loc == "device":

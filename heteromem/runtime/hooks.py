@@ -3,10 +3,13 @@
 - Before a module's forward: its parameters' chunks are made resident and pinned; after, they
   are released (evictable, not freed).
 - Backward: a hook on each output of a module call pins that call's chunks again just before
-  autograd reaches it; the pin is dropped once every trainable parameter of the module has
-  delivered its gradient (or, for modules without trainable parameters, once the gradients
-  of the call's inputs exist), so a chunk is never evicted between a backward node and the
-  gradient accumulation that still reads the parameter's shape.
+  autograd reaches it (again in every backward pass through a retained graph: the first pass
+  may have put gradients where the values were). Once the gradients of the call's inputs
+  exist, its nodes have run and the pin becomes a soft pin: the chunks stay while there is
+  room (the parameters' gradients are usually still accumulating), but may be evicted when
+  nothing else can go, which is what lets two forwards share one backward under a budget.
+  The pin is dropped once every trainable parameter of the module has delivered its
+  gradient, or at the end of the backward pass.
 - Each trainable parameter's accumulated gradient goes into the chunk manager
   (`register_post_accumulate_grad_hook`), and `param.grad` is dropped: no gradient memory
   outside the chunks.
@@ -32,13 +35,14 @@ def _graph_task() -> int:
 class _Call:
     """One call of a module: the chunks it pinned for its backward, and what it waits for."""
 
-    __slots__ = ("module", "slots", "waiting", "pinned", "task")
+    __slots__ = ("module", "slots", "waiting", "pinned", "soft", "task")
 
     def __init__(self, module: torch.nn.Module, slots: list[ParamSlot]) -> None:
         self.module, self.slots = module, slots
         self.waiting: set[int] = {id(s) for s in slots if s.trainable}
-        self.pinned: list[Chunk] | None = None
-        self.task = -1
+        self.pinned: list[Chunk] = []
+        self.soft = False  # whether `pinned` holds soft pins
+        self.task = -1     # the backward pass (graph task) that pinned it last
 
 
 class Hooks:
@@ -79,8 +83,10 @@ class Hooks:
         if _graph_task() != -1:  # a recomputation inside backward, not a new forward
             return
         if self.first_use and self.on_first_use_order is not None:
-            if self.on_first_use_order(self.first_use):
-                self.first_use = None
+            # Re-packing allocates chunks: never as inference tensors.
+            with torch.inference_mode(False):
+                if self.on_first_use_order(self.first_use):
+                    self.first_use = None
         self.manager.trace.new_iteration()
 
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
@@ -106,12 +112,11 @@ class Hooks:
         call = _Call(module, self.slots_by_module[module])
         for t in outputs:
             t.register_hook(lambda grad, call=call: self._pre_backward(call))
-        if not call.waiting:
-            inputs = [t for t in tree_flatten(args)[0]
-                      if isinstance(t, torch.Tensor) and t.requires_grad]
-            if inputs:
-                torch.autograd.graph.register_multi_grad_hook(
-                    inputs, lambda grads, call=call: self._unpin(call), mode="any")
+        inputs = [t for t in tree_flatten(args)[0]
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        if inputs:
+            torch.autograd.graph.register_multi_grad_hook(
+                inputs, lambda grads, call=call: self._inputs_done(call), mode="all")
 
     # ------------------------------------------------------------------ backward
 
@@ -122,21 +127,37 @@ class Hooks:
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_backward(task))
 
     def _pre_backward(self, call: _Call) -> None:
-        if call.pinned is not None:
+        task = _graph_task()
+        if call.task == task:  # another output of the same call, same pass
             return
-        call.task = _graph_task()
-        self._ensure_end_callback(call.task)
+        self._unpin(call)  # a soft pin left over from an earlier pass through a retained graph
+        call.task = task
+        self._ensure_end_callback(task)
         call.pinned = self.manager.acquire(call.slots)
+        call.soft = False
         call.waiting = {id(s) for s in call.slots if s.trainable}
         self._calls_by_task.setdefault(call.task, []).append(call)
         for slot in call.slots:
             if slot.trainable:
                 self._calls_by_slot.setdefault(id(slot), []).append(call)
 
+    def _inputs_done(self, call: _Call) -> None:
+        if call.task != _graph_task() or not call.pinned or call.soft:
+            return
+        if not call.waiting:  # nothing left to accumulate: drop the pin
+            self._unpin(call)
+            return
+        self.manager.soften(call.pinned)
+        call.soft = True
+
     def _unpin(self, call: _Call) -> None:
         if call.pinned:
-            self.manager.release(call.pinned)
+            if call.soft:
+                self.manager.release_soft(call.pinned)
+            else:
+                self.manager.release(call.pinned)
         call.pinned = []
+        call.soft = False
 
     def _grad_hook(self, param: torch.nn.Parameter) -> None:
         slot = self.slot_of[id(param)]

@@ -65,9 +65,11 @@ def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if optimizer is None:
         adamw = bool(adam_kwargs.pop("adamw", True))
+        # Defaults are torch's: AdamW decays by 0.01, Adam (adamw=False) not at all.
         group = dict(params=trainable, lr=adam_kwargs.get("lr", 1e-3),
                      betas=tuple(adam_kwargs.get("betas", (0.9, 0.999))),
-                     eps=adam_kwargs.get("eps", 1e-8), weight_decay=adam_kwargs.get("weight_decay", 0.0))
+                     eps=adam_kwargs.get("eps", 1e-8),
+                     weight_decay=adam_kwargs.get("weight_decay", 0.01 if adamw else 0.0))
         return [group], adamw
     if adam_kwargs:
         raise ValueError(f"hm.wrap: pass Adam options either through the optimizer or as keywords, "
@@ -222,7 +224,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         if own:
             slots_by_module[module] = own
     kept = {id(slot_of[id(p)].chunk) for n in keep_on_device for p in modules[n].parameters()}
-    _check_working_set(slots_by_module, len(kept), slab_bytes, device_budget)
+    _check_working_set(model, slots_by_module, len(kept), slab_bytes, device_budget)
 
     buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
     _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier)
@@ -254,18 +256,29 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     return model, opt
 
 
-def _check_working_set(slots_by_module: dict, kept_chunks: int, slab_bytes: int,
-                       budget: int | None) -> None:
-    """The largest module's chunks (plus the chunks kept resident) must fit the device budget."""
+def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunks: int,
+                       slab_bytes: int, budget: int | None) -> None:
+    """The chunks any module uses at once (its own and those of the ancestors whose forward is
+    still running around it), plus the chunks kept resident, must fit the device budget."""
     if budget is None or not slots_by_module:
         return
-    module, slots = max(slots_by_module.items(), key=lambda kv: len({id(s.chunk) for s in kv[1]}))
-    needed = (len({id(s.chunk) for s in slots}) + kept_chunks) * slab_bytes
+    worst, worst_chunks = None, set()
+
+    def visit(module: torch.nn.Module, outer: frozenset) -> None:
+        nonlocal worst, worst_chunks
+        chunks = outer | {id(s.chunk) for s in slots_by_module.get(module, ())}
+        if len(chunks) > len(worst_chunks):
+            worst, worst_chunks = module, chunks
+        for child in module.children():
+            visit(child, chunks)
+
+    visit(model, frozenset())
+    needed = (len(worst_chunks) + kept_chunks) * slab_bytes
     if needed > budget:
         raise OutOfMemory(
             "device", needed, budget,
-            f"module {type(module).__name__} needs {len({id(s.chunk) for s in slots})} chunk(s) of "
-            f"{format_bytes(slab_bytes)} at once"
+            f"module {type(worst).__name__} needs {len(worst_chunks)} chunk(s) of "
+            f"{format_bytes(slab_bytes)} at once (its own and its enclosing modules')"
             + (f" plus {kept_chunks} kept on the device" if kept_chunks else "")
             + "; raise device_memory, lower chunk_mb, or keep fewer modules on the device",
             what="the largest module's working set")
