@@ -121,6 +121,7 @@ def extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "io").glob("*.cpp"))]
     # -ffp-contract=off: the Adam paths must not fuse multiply-adds, so every path (and the
     # PyTorch reference) rounds identically; see csrc/common/adam_math.h.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-maybe-uninitialized"]

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "../../csrc/cpu/adam_core.h"
 #include "../../csrc/cpu/float16_convert.h"
 
@@ -17,19 +18,9 @@
 
 using namespace heteromem;
 using namespace heteromem::cpu;
+using namespace heteromem::testing;
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
 
 bool same_float(float a, float b) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
@@ -221,5 +212,5 @@ int main() {
 #endif
   std::printf("adam core (best path: %s): %d checks, %d failed\n",
               capability_name(detect_capability()), g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return exit_code();
 }
