@@ -16,6 +16,7 @@ import torch
 
 import heteromem as hm
 from heteromem.errors import format_bytes
+from heteromem.memory.nvme import DEFAULT_STAGING_SLOTS, STATES, region_bytes
 from heteromem.models import GPT, GPTConfig
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="compute dtype")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--nvme-dir", default=None,
+                        help="put every optimizer state in files under this directory (the "
+                             "host budget then holds only parameters, gradients and staging)")
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -59,8 +63,15 @@ def run(args: argparse.Namespace) -> int:
     param_bytes = n_params * torch.empty((), dtype=dtype).element_size()
     budget = int(param_bytes * args.budget_fraction)
     chunk_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20 * 1.01
+    nvme = {}
+    if args.nvme_dir is not None:
+        # Host: parameters, fp32 gradient buffers and the staging pool; no optimizer state.
+        capacity = int(chunk_mb * 2**20) // torch.empty((), dtype=dtype).element_size()
+        staging = DEFAULT_STAGING_SLOTS * STATES * region_bytes(capacity)
+        nvme = dict(nvme_dir=args.nvme_dir, host_memory=param_bytes + n_params * 4 + staging
+                    + 64 * 6 * sum(1 for _ in model.parameters()))
     model, opt = hm.wrap(model, lr=args.lr, weight_decay=0.01, device=args.device, dtype=dtype,
-                         device_memory=budget, chunk_mb=chunk_mb, max_grad_norm=1.0)
+                         device_memory=budget, chunk_mb=chunk_mb, max_grad_norm=1.0, **nvme)
     dev = model._heteromem.manager.device
     print(f"heteromem demo: GPT with {n_params / 1e6:.1f}M parameters, training state "
           f"{format_bytes(state_bytes)} ({args.dtype} + fp32 master and Adam moments), device "

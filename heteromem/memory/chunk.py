@@ -101,6 +101,7 @@ class Chunk:
     soft_pins: int = 0           # backward calls that may still need it (evictable last)
     keep_on_device: bool = False
     states_on_device: bool = False  # master/moments (and gradients) live on the device tier
+    nvme: object = None          # NvmeStates when master/moments live on the NVMe tier
     load_event: object = None    # CUDA event of the copy that filled the device copy
     d2h_event: object = None     # CUDA event of the copy that filled the host buffer
     update: Future | None = None  # optimizer update in flight

@@ -34,6 +34,7 @@ class ChunkManager:
         self.fp32 = chunks[0].dtype == torch.float32 if chunks else False
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.update_stall_seconds = 0.0
+        self.nvme = None  # NvmeTier when nvme_dir was given
         # Most chunks (not kept on the device) pinned at once so far: what paging needs.
         self.peak_pinned = 0
 
@@ -231,7 +232,10 @@ class ChunkManager:
             chunk.move_device(DeviceState.PARAMS)
             return
         acc_in_use = any(s.grad_loc == "acc" for s in chunk.slots)
-        if not acc_in_use and not self.fp32 and chunk.host_state is HostState.PARAMS:
+        # NOTE: states on NVMe: the master is on disk, so the host buffer keeps the values
+        # (wrap planned room for the accumulation buffer when it put states there).
+        if (not acc_in_use and not self.fp32 and chunk.host_state is HostState.PARAMS
+                and chunk.nvme is None):
             chunk.d2h_event = self.copies.d2h(chunk.host[: chunk.used], chunk.device_view())
             chunk.move_host(HostState.GRADS)
             for slot in on_device:
@@ -293,8 +297,16 @@ class ChunkManager:
                 if slot.grad_loc == "host":
                     chunk.acc[slot.range].add_(chunk.host[slot.range])
                     slot.grad_loc = "acc"
-            chunk.host[: chunk.used].copy_(chunk.master)
+            self.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
+
+    def restore_host(self, chunk: Chunk) -> None:
+        """The host buffer gets its parameter values back from the fp32 master (after it
+        held gradients)."""
+        if chunk.nvme is not None:
+            self.nvme.restore_host(chunk)
+        else:
+            chunk.host[: chunk.used].copy_(chunk.master)
 
     def grads_home(self) -> None:
         """Waits for every gradient copy to the host (before norms and updates)."""

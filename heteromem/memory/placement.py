@@ -55,11 +55,17 @@ def promote(manager: ChunkManager, chunk: Chunk) -> None:
     manager.make_room(nbytes, f"optimizer state of chunk {chunk.index}")
     manager.device_tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}",
                                 advice="raise device_memory")
-    fp32 = chunk.master is chunk.host
-    host_state_bytes = chunk.used * (8 if fp32 else 12)
-    chunk.master = chunk.master.to(manager.device, copy=True)
-    chunk.exp_avg = chunk.exp_avg.to(manager.device)
-    chunk.exp_avg_sq = chunk.exp_avg_sq.to(manager.device)
+    if chunk.nvme is not None:
+        states = manager.nvme.load(chunk)
+        host_state_bytes = 0
+    else:
+        states = (chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
+        host_state_bytes = chunk.used * (8 if chunk.master is chunk.host else 12)
+    # copy=True: the master must not stay the host buffer (fp32), nor a staging view (NVMe).
+    chunk.master, chunk.exp_avg, chunk.exp_avg_sq = (
+        t.to(manager.device, copy=True) for t in states)
+    if chunk.nvme is not None:
+        manager.nvme.drop(chunk)
     if chunk.acc is not None:
         manager.host_tier.release(chunk.used * 4)
         chunk.acc = None

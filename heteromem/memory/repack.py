@@ -19,7 +19,8 @@ from heteromem.memory.tracer import Trace
 
 def host_reservation(chunk: Chunk) -> int:
     """Bytes `hm.wrap` reserved on the host tier for the chunk's buffers (not the acc)."""
-    states = 0 if not chunk.trainable else (8 if chunk.dtype == torch.float32 else 12)
+    states = 0 if not chunk.trainable or chunk.nvme is not None else (
+        8 if chunk.dtype == torch.float32 else 12)
     return chunk.used * (chunk.host.element_size() + states)
 
 

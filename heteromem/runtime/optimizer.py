@@ -9,6 +9,7 @@ Hyper-parameters are read from `param_groups` when `step()` is called, so LR sch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,14 +86,13 @@ class HeteroAdam(torch.optim.Optimizer):
         loss_scale, self._grads_scaled_by = self._grads_scaled_by, 1.0
         norm = self._global_norm(chunks) / loss_scale if chunks else 0.0
         self.last_grad_norm = norm
-        if self.scaler is not None:
-            found_inf = not math.isfinite(norm)
-            self.scaler.update(found_inf)
-            if found_inf:
-                self.skipped_steps += 1
-                for chunk in chunks:
-                    self._discard(chunk)
-                return loss
+        found_inf = self.scaler is not None and not math.isfinite(norm)
+        if found_inf:
+            self.scaler.update(True)
+            self.skipped_steps += 1
+            for chunk in chunks:
+                self._discard(chunk)
+            return loss
         grad_scale = loss_scale
         if self.max_grad_norm is not None and math.isfinite(norm):
             # As torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
@@ -100,18 +100,61 @@ class HeteroAdam(torch.optim.Optimizer):
             grad_scale = loss_scale / min(1.0, self.max_grad_norm / (norm + 1e-6))
         order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
         chunks.sort(key=lambda c: order.get(c.index, len(order) + c.index))
+        runs = {id(c): self._runs(c) for c in chunks}
+        sources = {id(c): manager.grad_source(c) for c in chunks}
+        # States on NVMe first, synchronously and all or nothing: if a read or write fails,
+        # nothing of the model or optimizer has changed yet (see `_nvme_failed`).
+        on_nvme = [c for c in chunks if c.nvme is not None]
+        if on_nvme:
+            try:
+                manager.nvme.step(on_nvme, lambda c, master, exp_avg, exp_avg_sq: self._apply(
+                    c, sources[id(c)], runs[id(c)], grad_scale, master, exp_avg, exp_avg_sq))
+            except OSError as err:
+                self._nvme_failed(chunks, on_nvme, err)
+        if self.scaler is not None:
+            self.scaler.update(False)
         for chunk in chunks:
-            runs = self._runs(chunk)
-            source = manager.grad_source(chunk)
             for slot in chunk.slots:
+                if slot.grad_loc is not None and slot.group >= 0:
+                    slot.step += 1
                 slot.grad_loc = None
+        for chunk in on_nvme:
+            self._finish(chunk, sources[id(chunk)])
+        for chunk in chunks:
+            if chunk.nvme is not None:
+                continue
             chunk.move_host(HostState.UPDATING)
             if chunk.states_on_device:
                 # GPU Adam, queued on the current stream: nothing to wait for on the host.
-                self._update(chunk, source, runs, grad_scale)
+                self._update(chunk, sources[id(chunk)], runs[id(chunk)], grad_scale)
             else:
-                chunk.update = self._worker.submit(self._update, chunk, source, runs, grad_scale)
+                chunk.update = self._worker.submit(self._update, chunk, sources[id(chunk)],
+                                                   runs[id(chunk)], grad_scale)
         return loss
+
+    def _nvme_failed(self, chunks: list[Chunk], on_nvme: list[Chunk], err: OSError) -> None:
+        """Puts everything back as it was before the step (the files still hold the old
+        states; host buffers the update overwrote get their values back from them), drops
+        this step's gradients, and raises."""
+        try:
+            for chunk in on_nvme:
+                self.manager.restore_host(chunk)
+                if chunk.host_state is HostState.GRADS:
+                    chunk.move_host(HostState.PARAMS)
+                chunk.device_stale = True
+            for chunk in chunks:
+                self._discard(chunk)
+        except OSError as again:
+            raise OSError(again.errno, (
+                f"heteromem: an optimizer step failed on the NVMe tier ({err}) and restoring "
+                f"the parameters from it failed too ({again}); the optimizer states on disk are "
+                "those from before the step, but this process cannot read them: restart from "
+                "your last checkpoint")) from err
+        raise OSError(err.errno, (
+            f"heteromem: optimizer step failed on the NVMe tier: {err}. Nothing was updated: "
+            "parameters and optimizer states are those from before this step, and this step's "
+            "gradients were dropped; fix the cause (e.g. free disk space under nvme_dir) and "
+            "continue training")) from err
 
     def synchronize(self) -> None:
         """Waits for every queued update (state_dict, checkpoints, reports call this)."""
@@ -131,7 +174,7 @@ class HeteroAdam(torch.optim.Optimizer):
         if chunk.acc is not None:
             chunk.acc.zero_()
         if chunk.host_state is HostState.GRADS:
-            chunk.host[: chunk.used].copy_(chunk.master)
+            self.manager.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
 
     def _global_norm(self, chunks: list[Chunk]) -> float:
@@ -147,53 +190,62 @@ class HeteroAdam(torch.optim.Optimizer):
         return math.sqrt(sum(torch.stack(v).sum().item() for v in squares.values()))
 
     def _runs(self, chunk: Chunk) -> list[_Run]:
+        """The fused calls updating the slots that have a gradient (steps are counted once
+        the update is committed, in `step`)."""
         runs: list[_Run] = []
-        current: _Run | None = None
         for slot in chunk.slots:
             if slot.grad_loc not in ("host", "acc", "device") or slot.group < 0:
-                current = None
+                runs.append(None)
                 continue
             group = self.param_groups[slot.group]
-            slot.step += 1
-            run = _Run(slot.offset, slot.offset + slot.numel, slot.step, float(group["lr"]),
+            run = _Run(slot.offset, slot.offset + slot.numel, slot.step + 1, float(group["lr"]),
                        tuple(float(b) for b in group["betas"]), float(group["eps"]),
                        float(group["weight_decay"]))
-            if current is not None and (current.step, current.lr, current.betas, current.eps,
-                                        current.weight_decay) == (
+            last = runs[-1] if runs else None
+            # Consecutive slots with the same hyper-parameters become one call (alignment
+            # padding between them is updated too, harmlessly: nothing reads it).
+            if last is not None and (last.step, last.lr, last.betas, last.eps,
+                                     last.weight_decay) == (
                     run.step, run.lr, run.betas, run.eps, run.weight_decay):
-                current = _Run(current.start, run.end, *[getattr(current, f) for f in
-                                                          ("step", "lr", "betas", "eps",
-                                                           "weight_decay")])
-                runs[-1] = current
+                runs[-1] = dataclasses.replace(last, end=run.end)
             else:
                 runs.append(run)
-                current = run
-        return runs
+        return [r for r in runs if r is not None]
 
-    def _update(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run],
-                grad_scale: float) -> None:
+    def _apply(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
+               master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        """The fused Adam calls of one chunk over the given states; the new compute-dtype
+        values go to the device copy (state on the device) or the host buffer."""
         on_device = chunk.states_on_device
-        # Where the updated compute-dtype values go: the host buffer, or (state on the device)
-        # straight into the resident device copy, over the gradients read from it.
         target = chunk.device_view() if on_device else chunk.host
-        fp32 = chunk.dtype == torch.float32
+        # fp32 compute: the parameter is the master itself, unless the master lives elsewhere
+        # (device copy, NVMe), in which case it is copied over after the update.
+        copy_master = chunk.dtype == torch.float32 and target is not master
         for run in runs:
             sl = slice(run.start, run.end)
-            lowp = None if fp32 or (not on_device and chunk.master is chunk.host) else target[sl]
-            hm_ops.adam_step_(chunk.master[sl], source[sl], chunk.exp_avg[sl], chunk.exp_avg_sq[sl],
+            lowp = None if chunk.dtype == torch.float32 else target[sl]
+            hm_ops.adam_step_(master[sl], source[sl], exp_avg[sl], exp_avg_sq[sl],
                               step=run.step, lr=run.lr, betas=run.betas, eps=run.eps,
                               weight_decay=run.weight_decay, adamw=self.adamw,
                               grad_scale=grad_scale, param_lowp=lowp)
-            if fp32 and on_device:
-                target[sl].copy_(chunk.master[sl])
+            if copy_master:
+                target[sl].copy_(master[sl])
+
+    def _finish(self, chunk: Chunk, source: torch.Tensor) -> None:
         if source is chunk.acc:
             chunk.acc.zero_()
-        if on_device:
+        if chunk.states_on_device:
             if chunk.device_state is DeviceState.MIXED:
                 chunk.move_device(DeviceState.PARAMS)
         else:
             chunk.device_stale = True
-        chunk.move_host(HostState.PARAMS)
+        if chunk.host_state is not HostState.PARAMS:
+            chunk.move_host(HostState.PARAMS)
+
+    def _update(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run],
+                grad_scale: float) -> None:
+        self._apply(chunk, source, runs, grad_scale, chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
+        self._finish(chunk, source)
 
     def state_dict(self):
         raise NotImplementedError(

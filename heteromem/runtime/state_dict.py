@@ -22,6 +22,21 @@ def _slot_names(model: torch.nn.Module) -> dict[str, object]:
             if getattr(p, "_heteromem_slot", None) is not None}
 
 
+class _Masters:
+    """fp32 masters of trainable chunks, read from NVMe when they live there (one chunk's
+    at a time: the view is into a staging buffer that the next read reuses)."""
+
+    def __init__(self, manager) -> None:
+        self.manager, self.chunk, self.master = manager, None, None
+
+    def get(self, chunk) -> torch.Tensor:
+        if chunk.nvme is None:
+            return chunk.master
+        if chunk is not self.chunk:
+            self.chunk, self.master = chunk, self.manager.nvme.load(chunk)[0]
+        return self.master
+
+
 def install_state_dict_methods(model: torch.nn.Module, state) -> None:
     original_state_dict = model.state_dict
     original_load = model.load_state_dict
@@ -29,11 +44,13 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         state.synchronize()
         out = original_state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for name, slot in _slot_names(self).items():
+        masters = _Masters(state.manager)
+        # In chunk order, so a master on NVMe is read once.
+        for name, slot in sorted(_slot_names(self).items(), key=lambda kv: kv[1].chunk.index):
             key = prefix + name
             if key in out:
                 chunk = slot.chunk
-                source = chunk.master if chunk.trainable else chunk.host
+                source = masters.get(chunk) if chunk.trainable else chunk.host
                 out[key] = source[slot.range].view(slot.shape).to("cpu", slot.orig_dtype, copy=True)
         return out
 
@@ -54,21 +71,30 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
                                f"missing keys {missing}, unexpected keys {unexpected}")
         if state.optimizer is not None:
             state.optimizer.zero_grad()
+        by_chunk: dict[int, list] = {}
+        for name, slot in names.items():
+            if name in state_dict:
+                by_chunk.setdefault(slot.chunk.index, []).append((slot, state_dict[name]))
         with torch.no_grad():
-            for name, slot in names.items():
-                if name not in state_dict:
-                    continue
-                chunk = slot.chunk
-                value = state_dict[name].reshape(-1).to("cpu")
-                if chunk.trainable and chunk.master is not chunk.host:
-                    chunk.master[slot.range].copy_(value)
-                    chunk.host[slot.range].copy_(chunk.master[slot.range])
-                else:
-                    chunk.host[slot.range].copy_(value)
+            for items in by_chunk.values():
+                chunk = items[0][0].chunk
                 assert chunk.host_state is HostState.PARAMS
-                if chunk.states_on_device:
-                    chunk.device_view()[slot.range].copy_(chunk.master[slot.range])
-                elif chunk.resident:
+                nvme = state.manager.nvme if chunk.nvme is not None else None
+                # Master on NVMe: read the chunk's states, change the master, write them back
+                # as a new copy (the old one stays valid until the write succeeded).
+                master = nvme.load(chunk)[0] if nvme is not None else chunk.master
+                for slot, value in items:
+                    value = value.reshape(-1).to("cpu")
+                    if chunk.trainable and master is not chunk.host:
+                        master[slot.range].copy_(value)
+                        chunk.host[slot.range].copy_(master[slot.range])
+                    else:
+                        chunk.host[slot.range].copy_(value)
+                    if chunk.states_on_device:
+                        chunk.device_view()[slot.range].copy_(master[slot.range])
+                if nvme is not None:
+                    nvme.store(chunk)
+                if chunk.resident and not chunk.states_on_device:
                     chunk.device_stale = True
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 

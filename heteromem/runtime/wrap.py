@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import types
 from typing import Iterable
 
@@ -13,6 +14,8 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.layout import pack
 from heteromem.memory.manager import ChunkManager
+from heteromem.memory.nvme import (DEFAULT_STAGING_SLOTS, MIN_STAGING_SLOTS, STATES, NvmeTier,
+                                   check_nvme_dir, file_bytes, region_bytes)
 from heteromem.memory.placement import promote_planned
 from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
@@ -117,7 +120,11 @@ class WrapState:
         accumulation across the boundary)."""
         if not can_repack(self.manager):
             return False
-        self.repack_in_first_use_order(order)
+        # NOTE: with optimizer states on NVMe the chunks keep the order wrap packed them in:
+        # re-packing would rewrite every state file once, for a layout that is usually the
+        # same (models mostly register modules in the order they use them).
+        if not any(c.nvme is not None for c in self.manager.chunks):
+            self.repack_in_first_use_order(order)
         # Paging must keep room for as many chunks as the first iteration pinned at once.
         promote_planned(self.manager, self.manager.peak_pinned, self.buffer_bytes)
         return True
@@ -148,11 +155,19 @@ class WrapState:
             "host": TierReport(m.host_tier.budget, m.host_tier.current, m.host_tier.peak),
             "nvme": TierReport(None, 0, 0),
         }
+        details = {"device buffers (not paged)": self.buffer_bytes}
+        stall = m.copies.stall_seconds + m.update_stall_seconds
+        if m.nvme is not None:
+            t = m.nvme.tier
+            tiers["nvme"] = TierReport(t.budget, t.current, t.peak)
+            details.update({"nvme staging pool (host)": m.nvme.staging_bytes if m.nvme.slots else 0,
+                            "nvme read": m.nvme.bytes_read, "nvme written": m.nvme.bytes_written})
+            stall += m.nvme.wait_seconds
         return Report(tiers=tiers, bytes_h2d=m.copies.bytes_h2d, bytes_d2h=m.copies.bytes_d2h,
-                      stall_seconds=m.copies.stall_seconds + m.update_stall_seconds,
+                      stall_seconds=stall,
                       chunks=len(m.chunks), chunk_bytes=m.memory.slab_bytes,
                       resident_chunks=sum(1 for c in m.chunks if c.resident),
-                      details={"device buffers (not paged)": self.buffer_bytes},
+                      details=details,
                       state_chunks_on_device=sum(1 for c in m.chunks if c.states_on_device))
 
 
@@ -160,12 +175,15 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          device: object = None, dtype: torch.dtype = torch.bfloat16, device_memory: object = None,
          host_memory: object = None, nvme_dir: object = None, chunk_mb: float | None = None,
          keep_on_device: Iterable[str] = (), max_grad_norm: float | None = None,
+         nvme_staging: object = None,
          **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
     """Wraps `model` so its training state lives in chunks paged between device and host.
 
     Returns the same module (hooks installed, parameters now views into chunks while in use)
     and a `torch.optim.Optimizer` (Adam/AdamW) that updates the chunks; None when the model has
-    no trainable parameters. See DESIGN.md section 1 for every argument.
+    no trainable parameters. See DESIGN.md section 1 for every argument; `nvme_staging`
+    (bytes or a size string) bounds the host buffers that stream states to and from
+    `nvme_dir` (default: room for 4 chunks' states; at least 2).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hm.wrap: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -177,9 +195,11 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     dev = _check_device(device)
     device_budget = parse_size(device_memory, "device_memory")
     host_budget = parse_size(host_memory, "host_memory")
+    staging_budget = parse_size(nvme_staging, "nvme_staging")
     if nvme_dir is not None:
-        raise ValueError("hm.wrap: nvme_dir is not supported yet (the NVMe tier is not built); "
-                         "leave it unset and give host_memory enough room")
+        check_nvme_dir(nvme_dir, 0)
+    elif nvme_staging is not None:
+        raise ValueError("hm.wrap: nvme_staging is given but nvme_dir is not; set nvme_dir too")
     chunk_mb = _check_positive("chunk_mb", chunk_mb)
     max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
     if isinstance(keep_on_device, str):
@@ -226,9 +246,26 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     kept = {id(slot_of[id(p)].chunk) for n in keep_on_device for p in modules[n].parameters()}
     _check_working_set(model, slots_by_module, len(kept), slab_bytes, device_budget)
 
+    staging_slots = _staging_slots(staging_budget, capacity)
+    on_nvme = _plan_nvme_states(chunks, dtype, host_budget,
+                                staging_slots * STATES * region_bytes(capacity))
+    if on_nvme and nvme_dir is None:
+        states = sum(_state_bytes(c, dtype) for c in chunks)
+        raise OutOfMemory("host", sum(c.used * elem for c in chunks) + states, host_budget,
+                          "raise host_memory, or set nvme_dir so optimizer states that do not fit "
+                          "go to NVMe", what="parameters and optimizer states")
+    if on_nvme:
+        check_nvme_dir(nvme_dir, len(on_nvme) * file_bytes(capacity))
+
     buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
-    _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier)
+    nvme = None
+    if nvme_dir is not None:
+        nvme = NvmeTier(os.fspath(nvme_dir), capacity, staging_slots, host_tier,
+                        pin=dev.type == "cuda", owner=model)
+    _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
+                 on_nvme=on_nvme)
     manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
+    manager.nvme = nvme
     for slot in slots:
         slot.param.data = manager.placeholder(dtype)
         slot.param._heteromem_slot = slot
@@ -298,24 +335,90 @@ def _move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype,
     return total
 
 
-def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier) -> None:
-    """Allocates each chunk's host buffers and copies the parameters in."""
+def _state_bytes(chunk: Chunk, dtype: torch.dtype) -> int:
+    """Host bytes of a chunk's optimizer states (fp32: the master is the host buffer)."""
+    if not chunk.trainable:
+        return 0
+    return chunk.used * (8 if dtype == torch.float32 else 12)
+
+
+def _staging_slots(staging_budget: int | None, capacity: int) -> int:
+    slot = STATES * region_bytes(capacity)
+    if staging_budget is None:
+        return DEFAULT_STAGING_SLOTS
+    slots = staging_budget // slot
+    if slots < MIN_STAGING_SLOTS:
+        raise ValueError(f"hm.wrap: nvme_staging={format_bytes(staging_budget)} holds fewer than "
+                         f"{MIN_STAGING_SLOTS} chunks' states ({format_bytes(slot)} each); raise it "
+                         f"to at least {format_bytes(MIN_STAGING_SLOTS * slot)} or lower chunk_mb")
+    return slots
+
+
+def _plan_nvme_states(chunks: list[Chunk], dtype: torch.dtype, host_budget: int | None,
+                      staging_bytes: int) -> set[int]:
+    """ids of the chunks whose optimizer states go to NVMe: none if everything fits the host
+    budget; else, after the parameters and the staging pool, states stay on the host in chunk
+    order while they fit."""
     elem = torch.empty((), dtype=dtype).element_size()
+    params = sum(c.used * elem for c in chunks)
+    states = [(c, _state_bytes(c, dtype)) for c in chunks if c.trainable]
+    # Room for the fp32 gradient accumulation buffers (allocated on demand): fp32 gradients
+    # always gather there; bf16/fp16 ones with gradient accumulation, which is how models
+    # large enough for NVMe are trained, so that room is planned once states spill.
+    acc = sum(c.used * 4 for c in chunks if c.trainable)
+    if dtype == torch.float32:
+        params += acc
+    if host_budget is None or params + sum(b for _, b in states) <= host_budget:
+        return set()
+    if dtype != torch.float32:
+        params += acc
+    left = host_budget - params - staging_bytes
+    on_nvme = set()
+    for chunk, nbytes in states:
+        if nbytes <= left:
+            left -= nbytes
+        else:
+            on_nvme.add(id(chunk))
+    return on_nvme
+
+
+def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier,
+                 nvme: NvmeTier | None, on_nvme: set[int]) -> None:
+    """Allocates each chunk's host buffers and copies the parameters in; the optimizer states
+    of the chunks in `on_nvme` are written to the NVMe tier instead."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    advice = "raise host_memory" + ("" if nvme is not None else
+                                    ", or set nvme_dir to keep optimizer states on NVMe")
     for chunk in chunks:
-        states = 0 if not chunk.trainable else (8 if dtype == torch.float32 else 12)
-        host_tier.reserve(chunk.used * (elem + states), f"chunk {chunk.index}",
-                          advice="raise host_memory (the NVMe tier is not built yet)")
+        host_tier.reserve(chunk.used * elem, f"parameters of chunk {chunk.index}", advice=advice)
         chunk.host = torch.zeros(chunk.used, dtype=dtype, pin_memory=pin)
+    if on_nvme:
+        nvme.reserve_staging()
+    for chunk in chunks:
+        master = None
         if chunk.trainable:
-            chunk.master = chunk.host if dtype == torch.float32 else torch.zeros(
-                chunk.used, dtype=torch.float32, pin_memory=pin)
-            chunk.exp_avg = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
-            chunk.exp_avg_sq = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
+            if id(chunk) in on_nvme or dtype != torch.float32:
+                master = torch.zeros(chunk.used, dtype=torch.float32,
+                                     pin_memory=pin and id(chunk) not in on_nvme)
+            else:
+                master = chunk.host
         with torch.no_grad():
             for slot in chunk.slots:
                 data = slot.param.detach().reshape(-1)
-                if chunk.trainable and chunk.master is not chunk.host:
-                    chunk.master[slot.range].copy_(data)
-                    chunk.host[slot.range].copy_(chunk.master[slot.range])
+                if master is not None and master is not chunk.host:
+                    master[slot.range].copy_(data)
+                    chunk.host[slot.range].copy_(master[slot.range])
                 else:
                     chunk.host[slot.range].copy_(data)
+        if not chunk.trainable:
+            continue
+        if id(chunk) in on_nvme:
+            nvme.place(chunk, master, None, None)
+            continue
+        host_tier.reserve(_state_bytes(chunk, dtype), f"optimizer state of chunk {chunk.index}",
+                          advice=advice)
+        chunk.master = master
+        chunk.exp_avg = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
+        chunk.exp_avg_sq = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
+
+

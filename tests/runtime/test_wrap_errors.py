@@ -70,11 +70,6 @@ def test_default_device_is_cpu_without_a_gpu():
     assert model._heteromem.manager.device.type == "cpu"
 
 
-def test_nvme_dir_is_refused_until_the_nvme_tier_exists(tmp_path):
-    with pytest.raises(ValueError, match="nvme_dir"):
-        hm.wrap(_gpt(), device="cpu", nvme_dir=str(tmp_path))
-
-
 def test_chunk_smaller_than_the_largest_parameter_is_refused():
     model = _gpt()
     too_small = _largest_bytes(model, 2) * 0.9 / 2**20

@@ -1,0 +1,106 @@
+"""Optimizer step with every optimizer state on the NVMe tier vs the pure I/O time of the
+bytes that step must move, same run, same files.
+
+    .venv/bin/pytest bench/bench_nvme_step.py --benchmark-json=/tmp/nvme_step.json
+    HETEROMEM_BENCH_QUICK=1 .venv/bin/pytest bench/bench_nvme_step.py --benchmark-disable -q
+
+A stack of bf16 Linear layers (HETEROMEM_BENCH_SIZES parameters) is wrapped with a host budget
+that holds its parameters, gradient buffers and the staging pool but no optimizer state, so
+each `opt.step()` reads every chunk's fp32 master + moments from its file, updates them
+(CPU Adam) and writes them back. The baseline is the same bytes moved by the engine alone, at
+the same queue depth (one request per staging slot in flight): all reads, then all writes.
+Target (issue: NVMe tier): step time <= 1.3x that pure I/O time.
+
+Files go under $HETEROMEM_BENCH_DIR (default build/bench-nvme in the repository): it should be
+on the drive you care about. extra_info records whether the files were opened with O_DIRECT
+(on tmpfs they are not, and the figures then measure memory, not a disk).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import heteromem as hm
+from heteromem.memory.nvme import STATES
+from conftest import ROOT, quick_mode
+
+WIDTH = 1024
+
+
+def _bench_dir() -> str:
+    path = Path(os.environ.get("HETEROMEM_BENCH_DIR", "") or ROOT / "build" / "bench-nvme")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _pure_io_seconds(nvme, chunks) -> float:
+    """All of the step's reads, then all of its writes, through the engine alone, with as
+    many requests in flight as the step pipeline has staging slots."""
+    slots = [s.buffer for s in nvme.slots]
+    region = nvme.region
+    total = 0.0
+    for write in (False, True):
+        start = time.perf_counter()
+        in_flight: list[int] = []
+        for k, chunk in enumerate(chunks):
+            if len(in_flight) == len(slots):
+                nvme.engine.wait(in_flight.pop(0))
+            states = chunk.nvme
+            buf = slots[k % len(slots)]
+            offset = states.copy_offset(states.current if not write else 1 - states.current,
+                                        region)
+            submit = nvme.engine.submit_write if write else nvme.engine.submit_read
+            in_flight.append(submit(states.file, offset, buf))
+        for ticket in in_flight:
+            nvme.engine.wait(ticket)
+        total += time.perf_counter() - start
+    return total
+
+
+def test_nvme_step(benchmark, numel, size_tag):
+    benchmark.group = f"nvme-step-{size_tag}"
+    # Quick mode: 16 tiny layers, so the states still outweigh the staging pool.
+    width = WIDTH if not quick_mode() else 64
+    layers = max(16, numel // (width * width)) if quick_mode() else max(2, numel // (width * width))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(layers)))
+    n = sum(p.numel() for p in model.parameters())
+    chunk_elems = width * width * max(1, layers // 8)
+    slab = chunk_elems * 2
+    staging = 4 * STATES * -(-chunk_elems * 4 // 4096) * 4096
+    model, opt = hm.wrap(model, lr=1e-4, device="cpu", dtype=torch.bfloat16,
+                         chunk_mb=slab / 2**20, device_memory=3 * slab,
+                         host_memory=n * (2 + 4) + staging + 64 * layers * 6,
+                         nvme_dir=_bench_dir(), nvme_staging=staging)
+    nvme = model._heteromem.manager.nvme
+    chunks = [c for c in model._heteromem.manager.chunks if c.nvme is not None]
+    assert chunks and all(c.nvme is not None for c in model._heteromem.manager.chunks)
+    x = torch.randn(4, width, dtype=torch.bfloat16)
+
+    def backward() -> tuple[tuple, dict]:
+        model(x).float().pow(2).mean().backward()
+        return (), {}
+
+    for _ in range(2):  # warm-up, and the first iteration's placement
+        backward()
+        opt.step()
+    io = [_pure_io_seconds(nvme, chunks) for _ in range(3 if quick_mode() else 5)]
+    benchmark.pedantic(opt.step, setup=backward, rounds=3 if quick_mode() else 7,
+                       warmup_rounds=0, iterations=1)
+    moved = 2 * len(chunks) * STATES * nvme.region
+    io_median = statistics.median(io)
+    step_median = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    benchmark.extra_info.update(dict(
+        params=n, chunks_on_nvme=len(chunks), bytes_moved_per_step=moved,
+        o_direct=all(c.nvme.file.direct for c in chunks), engine=nvme.engine.backend,
+        pure_io_seconds_median=io_median,
+        pure_io_seconds_spread=[min(io), max(io)],
+        pure_io_gb_per_s=moved / io_median / 1e9,
+        step_gb_per_s=moved / step_median / 1e9 if step_median else None,
+        step_over_pure_io=step_median / io_median if io_median else None,
+        target_step_over_pure_io=1.3, directory=_bench_dir()))

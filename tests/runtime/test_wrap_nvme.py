@@ -1,0 +1,310 @@
+"""The NVMe tier under hm.wrap: optimizer states that do not fit `host_memory` live in files
+under `nvme_dir` and are streamed through a bounded staging pool. fp32 parity with torch
+AdamW, bit-exactness against the same wrap without NVMe, file lifetime, and faults (ENOSPC /
+EIO in the middle of a step) that leave the state from before the step intact."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import gc
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import heteromem as hm
+from heteromem.memory.nvme import STATES, region_bytes
+from wrap_helpers import (assert_losses_close, assert_params_close, gpt_batches, gpt_pair,
+                          paging_kwargs, param_bytes)
+
+STAGING_SLOTS = 2
+# On a GPU the same paths run with the device tier in GPU memory and pinned host buffers.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _on(batches: list[tuple], device: str) -> list[tuple]:
+    return [(idx.to(device), tgt.to(device)) for idx, tgt in batches]
+
+
+def _nvme_kwargs(ref: torch.nn.Module, tmp_path, element_size: int, host_state_fraction: float,
+                 dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Device budget 40% of the parameters; host budget: the parameters, the staging pool and
+    `host_state_fraction` of the optimizer state; the rest of the state goes to NVMe."""
+    kwargs = paging_kwargs(ref, element_size)
+    capacity = int(kwargs["chunk_mb"] * 2**20) // element_size
+    staging = STAGING_SLOTS * STATES * region_bytes(capacity)
+    n = sum(p.numel() for p in ref.parameters())
+    state = n * (8 if dtype == torch.float32 else 12)
+    # Parameters with their alignment padding (at most 32 elements each), and the fp32
+    # gradient accumulation buffers wrap plans room for when states go to NVMe.
+    params = param_bytes(ref, element_size) + len(list(ref.parameters())) * 32 * element_size
+    params += param_bytes(ref, 4) + len(list(ref.parameters())) * 32 * 4
+    return dict(kwargs, host_memory=params + staging + int(host_state_fraction * state),
+                nvme_dir=str(tmp_path), nvme_staging=staging, dtype=dtype, device=device)
+
+
+def _host_state_fraction(model: torch.nn.Module) -> float:
+    chunks = [c for c in model._heteromem.manager.chunks if c.trainable]
+    on_host = sum(c.used for c in chunks if c.nvme is None and not c.states_on_device)
+    return on_host / sum(c.used for c in chunks)
+
+
+def _train(model, opt, batches, accumulate: int = 1) -> list[float]:
+    losses = []
+    for idx, tgt in batches:
+        total = 0.0
+        for part in range(accumulate):
+            sl = slice(part * idx.shape[0] // accumulate, (part + 1) * idx.shape[0] // accumulate)
+            loss = model(idx[sl], tgt[sl]) / accumulate
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def _state_dirs(tmp_path) -> list[str]:
+    return glob.glob(os.path.join(str(tmp_path), "heteromem-*"))
+
+
+def test_fp32_parity_with_torch_adamw_when_host_holds_30_percent_of_the_state(tmp_path):
+    cfg, ref, model = gpt_pair()
+    ropt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    model, opt = hm.wrap(model, opt, max_grad_norm=0.5,
+                         **_nvme_kwargs(ref, tmp_path, 4, 0.25, torch.float32))
+    assert _host_state_fraction(model) <= 0.3
+    assert sum(c.nvme is not None for c in model._heteromem.manager.chunks) >= 3
+    batches = gpt_batches(cfg, 10, batch=4)
+    ours = _train(model, opt, batches, accumulate=2)
+    want = []
+    for idx, tgt in batches:
+        total = 0.0
+        for sl in (slice(0, 2), slice(2, 4)):
+            loss = ref(idx[sl], tgt[sl]) / 2
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ropt.step()
+        ropt.zero_grad()
+        want.append(total)
+    assert_losses_close(ours, want)
+    assert_params_close(model.state_dict(), ref.state_dict())
+    report = hm.report(model)
+    nvme = report.tiers["nvme"]
+    assert nvme.current_bytes > 0 and nvme.budget_bytes > nvme.current_bytes
+    assert report.details["nvme staging pool (host)"] == _nvme_kwargs(
+        ref, tmp_path, 4, 0.25, torch.float32)["nvme_staging"]
+    assert report.details["nvme read"] > 0 and report.details["nvme written"] > 0
+    assert report.tiers["host"].peak_bytes <= report.tiers["host"].budget_bytes
+
+
+def _nvme_and_plain(tmp_path, dtype: torch.dtype, device: str = "cpu"):
+    """(cfg, model with every state on NVMe, its optimizer, the same wrap without NVMe, its
+    optimizer): identical models and settings but for the host budget and nvme_dir."""
+    cfg, ref, model = gpt_pair()
+    elem = torch.empty((), dtype=dtype).element_size()
+    kwargs = _nvme_kwargs(ref, tmp_path, elem, 0.0, dtype, device)
+    model, opt = hm.wrap(model, lr=3e-3, **kwargs)
+    assert _host_state_fraction(model) <= 0.05
+    plain_kwargs = {k: v for k, v in kwargs.items()
+                    if k not in ("nvme_dir", "nvme_staging", "host_memory")}
+    plain, popt = hm.wrap(ref, lr=3e-3, **plain_kwargs)
+    return cfg, model, opt, plain, popt
+
+
+def _assert_same_state(model, plain) -> None:
+    got, want = model.state_dict(), plain.state_dict()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_same_bits_as_the_same_wrap_without_nvme(tmp_path, dtype, device):
+    """The NVMe tier only moves bytes: every loss and parameter equals the host-only run,
+    with gradient accumulation."""
+    cfg, model, opt, plain, popt = _nvme_and_plain(tmp_path, dtype, device)
+    batches = _on(gpt_batches(cfg, 6, batch=4), device)
+    assert _train(model, opt, batches, accumulate=2) == _train(plain, popt, batches, accumulate=2)
+    _assert_same_state(model, plain)
+
+
+def test_files_live_while_training_and_go_with_the_model(tmp_path):
+    cfg, ref, model = gpt_pair()
+    model, opt = hm.wrap(model, **_nvme_kwargs(ref, tmp_path, 2, 0.0, torch.bfloat16))
+    dirs = _state_dirs(tmp_path)
+    assert len(dirs) == 1 and f"-{os.getpid()}-" in os.path.basename(dirs[0])
+    files = os.listdir(dirs[0])
+    assert files and all(os.path.getsize(os.path.join(dirs[0], f)) > 0 for f in files)
+    _train(model, opt, gpt_batches(cfg, 2))
+    assert _state_dirs(tmp_path) == dirs
+    del model, opt
+    gc.collect()
+    assert _state_dirs(tmp_path) == []
+
+
+def test_files_are_removed_at_interpreter_exit(tmp_path):
+    script = f"""
+import torch, heteromem as hm
+model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(4)))
+model, opt = hm.wrap(model, device="cpu", dtype=torch.float32, chunk_mb=64 * 65 * 4 / 2**20,
+                     host_memory=2 * 4 * 4160 * 4 + 2 * 3 * 20480,
+                     nvme_dir={str(tmp_path)!r}, nvme_staging=2 * 3 * 20480)
+model(torch.randn(2, 64)).sum().backward()
+opt.step()
+import glob, os
+assert glob.glob(os.path.join({str(tmp_path)!r}, "heteromem-*", "*")), "no state files"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert _state_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,code,after", [("write", errno.ENOSPC, 2), ("read", errno.EIO, 1)])
+def test_a_fault_in_the_middle_of_a_step_keeps_the_state_from_before_it(tmp_path, op, code, after,
+                                                                        device):
+    """The step raises OSError naming the file; parameters and optimizer states are those from
+    before the step (later training equals a run that skipped that step's update), and
+    training continues once the fault is gone."""
+    cfg, model, opt, plain, popt = _nvme_and_plain(tmp_path, torch.float32, device)
+    batches = _on(gpt_batches(cfg, 6), device)
+    assert _train(model, opt, batches[:2]) == _train(plain, popt, batches[:2])
+    before = model.state_dict()
+    engine = model._heteromem.manager.nvme.engine
+    engine.inject_fault(op, code, after)
+    idx, tgt = batches[2]
+    failed_loss = model(idx, tgt)
+    failed_loss.backward()
+    with pytest.raises(OSError) as info:
+        opt.step()
+    assert info.value.errno == code
+    assert "heteromem-" in str(info.value) and "before this step" in str(info.value)
+    engine.clear_faults()
+    after_fault = model.state_dict()
+    for name in before:
+        assert torch.equal(after_fault[name], before[name]), name
+    opt.zero_grad()
+    # The reference takes the same batch without updating.
+    ref_loss = plain(idx, tgt)
+    ref_loss.backward()
+    popt.zero_grad()
+    assert failed_loss.item() == ref_loss.item()
+    assert _train(model, opt, batches[3:]) == _train(plain, popt, batches[3:])
+    _assert_same_state(model, plain)
+
+
+def test_state_dict_round_trip_with_states_on_nvme(tmp_path):
+    cfg, ref, model = gpt_pair()
+    model, opt = hm.wrap(model, **_nvme_kwargs(ref, tmp_path, 4, 0.0, torch.float32))
+    _train(model, opt, gpt_batches(cfg, 2))
+    saved = model.state_dict()
+    changed = {k: v + 1 for k, v in saved.items()}
+    model.load_state_dict(changed)
+    got = model.state_dict()
+    for name in saved:
+        assert torch.equal(got[name], changed[name]), name
+    with torch.no_grad():  # the host copies the model computes with follow
+        check = copy.deepcopy(ref)
+        check.load_state_dict(changed)
+        idx = gpt_batches(cfg, 1)[0][0]
+        assert torch.allclose(model(idx), check(idx), rtol=1e-5, atol=1e-6)
+
+
+def test_states_move_from_nvme_to_the_device_when_the_budget_allows(tmp_path):
+    """After the first iteration placement may keep chunks' states on the device: those on
+    NVMe are read in and their files removed; numbers do not change."""
+    cfg, ref, model = gpt_pair()
+    kwargs = _nvme_kwargs(ref, tmp_path, 4, 0.0, torch.float32)
+    kwargs["device_memory"] = None
+    plain = copy.deepcopy(model)
+    model, opt = hm.wrap(model, lr=3e-3, **kwargs)
+    plain, popt = hm.wrap(plain, lr=3e-3, device="cpu", dtype=torch.float32,
+                          chunk_mb=kwargs["chunk_mb"])
+    batches = gpt_batches(cfg, 4)
+    assert _train(model, opt, batches) == _train(plain, popt, batches)
+    chunks = model._heteromem.manager.chunks
+    assert all(c.nvme is None for c in chunks) and any(c.states_on_device for c in chunks)
+    assert hm.report(model).tiers["nvme"].current_bytes == 0
+    assert os.listdir(_state_dirs(tmp_path)[0]) == []
+
+
+# ---------------------------------------------------------------------- refused input
+
+
+def _small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(4)))
+
+
+# Four chunks of 4160 fp32 elements: the host holds their parameters, gradient buffers and a
+# two-slot staging pool, less than all of that plus the optimizer states: those go to NVMe.
+_TIGHT = dict(device="cpu", dtype=torch.float32, chunk_mb=64 * 65 * 4 / 2**20,
+              host_memory=2 * 4 * 4160 * 4 + 2 * 3 * 20480,
+              nvme_staging=2 * 3 * 20480)
+
+
+def test_missing_nvme_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="nvme_dir.*does not exist"):
+        hm.wrap(_small(), nvme_dir=str(tmp_path / "missing"), **_TIGHT)
+
+
+def test_nvme_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="nvme_dir.*not a directory"):
+        hm.wrap(_small(), nvme_dir=str(path), **_TIGHT)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_nvme_dir_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(ValueError, match="nvme_dir.*not writable"):
+        hm.wrap(_small(), nvme_dir=str(ro), **_TIGHT)
+
+
+def test_nvme_dir_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="nvme_dir"):
+        hm.wrap(_small(), nvme_dir=3, **_TIGHT)
+
+
+def test_not_enough_space_under_nvme_dir_is_refused_up_front(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 4096, 4096))
+    model = _small()
+    with pytest.raises(hm.OutOfMemory, match="nvme_dir") as info:
+        hm.wrap(model, nvme_dir=str(tmp_path), **_TIGHT)
+    assert info.value.tier == "nvme"
+    assert _state_dirs(tmp_path) == []
+    monkeypatch.undo()
+    model, opt = hm.wrap(model, nvme_dir=str(tmp_path), **_TIGHT)  # the model is still usable
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+
+
+def test_staging_pool_smaller_than_two_chunks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="nvme_staging"):
+        hm.wrap(_small(), nvme_dir=str(tmp_path), **{**_TIGHT, "nvme_staging": 3 * 20480})
+
+
+def test_nvme_staging_without_nvme_dir_is_refused():
+    with pytest.raises(ValueError, match="nvme_staging.*nvme_dir"):
+        hm.wrap(_small(), **_TIGHT)
+
+
+def test_host_budget_too_small_without_nvme_dir_suggests_it():
+    kwargs = {k: v for k, v in _TIGHT.items() if k != "nvme_staging"}
+    with pytest.raises(hm.OutOfMemory, match="nvme_dir") as info:
+        hm.wrap(_small(), **kwargs)
+    assert info.value.tier == "host"
