@@ -66,10 +66,12 @@ bench: build
 	$(PY) bench/summarize.py $$(ls -t .benchmarks/*/*.json | head -1)
 
 # For a CUDA machine without internet: uses the python/torch already installed there.
+# The GPU machine's own python (it has torch and no internet): no venv, no downloads.
+GPU_PYTHON ?= python3
 gpu-test:
-	python -m pip install --no-build-isolation --no-deps -e .
-	python -m heteromem info
-	python bench/gpu_run.py
+	$(GPU_PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(GPU_PYTHON) -m heteromem info
+	$(GPU_PYTHON) bench/gpu_run.py $(GPU_BENCH)
 
 clean:
 	rm -rf build heteromem/*.so .benchmarks
