@@ -92,6 +92,16 @@ def cuda_arch_list(torch) -> str:
     return DEFAULT_CUDA_ARCHS
 
 
+def shared_libstdcxx_args() -> list[str]:
+    """Link libstdc++ as the shared library torch itself uses, named before the driver's own
+    -lstdc++. A toolchain or Python whose link line brings the static libstdc++.a (seen on a
+    GPU image: no libstdc++ in `ldd _C.so`) would otherwise give _C.so its own copy of the
+    iostream/locale statics, and the first std::ostringstream in it crashes (build_info did)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
+
+
 def write_build_config(with_cuda: bool, archs: str) -> None:
     """build/generated/heteromem_build_config.h: what build_info() reports about this build."""
     out = GENERATED / "heteromem_build_config.h"
@@ -139,7 +149,7 @@ def extensions():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + shared_libstdcxx_args(),
         py_limited_api=False,
     )
     print(f"heteromem: building {'CUDA + CPU' if with_cuda else 'CPU-only'} extension"
