@@ -30,6 +30,9 @@ class ChunkManager:
         self.device_tier, self.host_tier = device_tier, host_tier
         self.memory = DeviceChunkMemory(device_tier, slab_bytes, device)
         self.copies = CopyEngine(device)
+        # Chunks copied ahead of their use. On a CPU "device" a copy cannot overlap anything,
+        # so none by default (tests turn it on to run the same logic).
+        self.prefetch_depth = PREFETCH_CHUNKS if self.copies.cuda else 0
         self.trace = Trace()
         self.fp32 = chunks[0].dtype == torch.float32 if chunks else False
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -148,6 +151,8 @@ class ChunkManager:
         other chunk can go."""
         best, best_key = None, (True, -1.0)
         for c in self.chunks:
+            if c.device_state is DeviceState.LOADING and c.pins == 0:
+                self._settle(c)
             if (c is exclude or c.pins > 0 or c.keep_on_device or not c.allocated
                     or c.device_state is DeviceState.LOADING):
                 continue
@@ -155,6 +160,13 @@ class ChunkManager:
             if best is None or key > best_key:
                 best, best_key = c, key
         return best
+
+    def _settle(self, chunk: Chunk) -> None:
+        """A prefetched chunk whose copy has landed is an ordinary resident chunk (and may be
+        evicted if its use never comes); one still loading stays untouchable."""
+        if chunk.load_event is None or chunk.load_event.query():
+            chunk.load_event = None
+            chunk.move_device(DeviceState.PARAMS)
 
     def evict(self, chunk: Chunk) -> None:
         """Frees the device copy; gradients on it are sent home first."""
@@ -171,17 +183,26 @@ class ChunkManager:
             chunk.move_device(DeviceState.ABSENT)
 
     def _prefetch(self) -> None:
-        """CUDA only: start copying the chunks the trace expects next, if a slab is free."""
-        if not self.copies.cuda:
+        """Start copying the chunks the trace expects next, so the copy overlaps
+        the compute before their use. When no slab is free, a chunk whose next use comes
+        later than the prefetched one's is evicted for it (what furthest-next-use eviction
+        would do at that chunk's use anyway, only earlier)."""
+        if not self.prefetch_depth:
             return
-        for index in self.trace.upcoming(PREFETCH_CHUNKS):
+        for index in self.trace.upcoming(self.prefetch_depth):
             chunk = self.chunks[index]
             if chunk.resident and not chunk.device_stale:
                 continue
             if chunk.update is not None and not chunk.update.done():
                 return  # its optimizer update is still running; prefetch it later
-            if chunk.host_state is not HostState.PARAMS or not self.memory.fits():
+            if chunk.host_state is not HostState.PARAMS:
                 return
+            if not chunk.allocated and not self.memory.fits():
+                victim = self._pick_victim(exclude=chunk)
+                if (victim is None or victim.soft_pins > 0 or self.trace.eviction_key(victim.index)
+                        <= self.trace.eviction_key(chunk.index)):
+                    return
+                self.evict(victim)
             self._make_resident(chunk)
 
     # ------------------------------------------------------------------ gradients

@@ -53,6 +53,8 @@ class HeteroAdam(torch.optim.Optimizer):
         self.scaler = scaler
         self._grads_scaled_by = 1.0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteromem-adam")
+        # The global gradient norm of the last step (before clipping), when clipping or fp16
+        # loss scaling needed it; None otherwise.
         self.last_grad_norm: float | None = None
         self.skipped_steps = 0
 
@@ -84,7 +86,11 @@ class HeteroAdam(torch.optim.Optimizer):
         manager.grads_home()
         chunks = [c for c in self._chunks() if manager.grad_source(c) is not None]
         loss_scale, self._grads_scaled_by = self._grads_scaled_by, 1.0
-        norm = self._global_norm(chunks) / loss_scale if chunks else 0.0
+        # The global norm is one more pass over every gradient, on the critical path before
+        # the first update: taken only when clipping or loss scaling needs it.
+        norm = None
+        if self.max_grad_norm is not None or self.scaler is not None:
+            norm = self._global_norm(chunks) / loss_scale if chunks else 0.0
         self.last_grad_norm = norm
         found_inf = self.scaler is not None and not math.isfinite(norm)
         if found_inf:

@@ -54,6 +54,41 @@ def test_fp32_matches_adamw_under_a_tight_budget(checkpoint, reentrant):
     assert report.bytes_h2d > 0 and report.bytes_d2h > 0  # it did page
 
 
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["no-checkpoint", "checkpoint"])
+def test_prefetching_ahead_with_eviction_matches_adamw(checkpoint):
+    """Prefetching (on by default on CUDA) runs here on the CPU tier: chunks copied ahead of
+    their use, evicting chunks needed later than them, with clipping and accumulation; the
+    numbers are torch's and the budget holds."""
+    cfg, ref, model = gpt_pair(checkpoint=checkpoint)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    model, opt = hm.wrap(model, opt, device="cpu", dtype=torch.float32, max_grad_norm=0.05,
+                         **paging_kwargs(ref, 4))
+    manager = model._heteromem.manager
+    manager.prefetch_depth = 2
+    ahead = []
+    make_resident, prefetch = manager._make_resident, manager._prefetch
+
+    def counting_prefetch() -> None:
+        def counted(chunk):
+            ahead.append(chunk.index)
+            make_resident(chunk)
+        manager._make_resident = counted
+        try:
+            prefetch()
+        finally:
+            manager._make_resident = make_resident
+    manager._prefetch = counting_prefetch
+    batches = gpt_batches(cfg, 8)
+    clip = lambda: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)  # noqa: E731
+    want = _train(ref, ropt, batches, accum=2, before_step=clip)
+    assert_losses_close(_train(model, opt, batches, accum=2), want)
+    assert_params_close(model.state_dict(), ref.state_dict())
+    assert len(ahead) > 10  # it did prefetch, iteration after iteration
+    report = hm.report(model)
+    assert report.tiers["device"].peak_bytes <= report.tiers["device"].budget_bytes
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["checkpoint", "checkpoint-reentrant"])
 def test_fp32_clipping_accumulation_and_lr_schedule_match_torch(reentrant):
     """max_grad_norm == clip_grad_norm_, gradients summed over 3 micro-batches as .grad would
