@@ -172,6 +172,12 @@ class HeteroAdam(torch.optim.Optimizer):
         return [c for c in self.manager.chunks if c.trainable]
 
     def _discard(self, chunk: Chunk) -> None:
+        if chunk.update is not None and all(s.grad_loc is None for s in chunk.slots):
+            # The update in flight consumed this chunk's gradients and finishes the chunk
+            # itself (`_finish`); none came since, because a new gradient first waits for the
+            # update. Nothing to discard, and waiting here would serialise every update with
+            # the usual `step(); zero_grad()` before the next forward could overlap them.
+            return
         self.manager._wait_update(chunk)
         if chunk.states_on_device:
             self.manager.restore_device_values(chunk)

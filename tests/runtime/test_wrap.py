@@ -5,6 +5,7 @@ tier holds at most 40% of the parameters, so every step pages chunks in and out.
 from __future__ import annotations
 
 import inspect
+import threading
 
 import pytest
 import torch
@@ -87,6 +88,44 @@ def test_prefetching_ahead_with_eviction_matches_adamw(checkpoint):
     assert len(ahead) > 10  # it did prefetch, iteration after iteration
     report = hm.report(model)
     assert report.tiers["device"].peak_bytes <= report.tiers["device"].budget_bytes
+
+
+def test_step_then_zero_grad_leaves_the_updates_running_for_the_next_forward():
+    """`opt.step(); opt.zero_grad()` returns while the Adam updates still run on the worker
+    (the next forward waits per chunk, so they overlap it); the numbers stay torch's."""
+    cfg, ref, model = gpt_pair()
+    ropt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    model, opt = hm.wrap(model, opt, device="cpu", dtype=torch.float32, **paging_kwargs(ref, 4))
+    manager = model._heteromem.manager
+    gate = threading.Event()
+    update = opt._update
+
+    def gated(*args) -> None:  # updates wait until the test has looked
+        if not gate.wait(timeout=60):
+            raise TimeoutError("test gate never opened")
+        update(*args)
+    opt._update = gated
+    batches = gpt_batches(cfg, 4)
+    losses = []
+    for idx, tgt in batches:
+        loss = model(idx, tgt)
+        loss.backward()
+        losses.append(loss.item())
+        gate.clear()
+        opt.step()
+        returned = threading.Event()
+        zero = threading.Thread(target=lambda: (opt.zero_grad(), returned.set()))
+        zero.start()
+        waited = not returned.wait(timeout=10)
+        pending = sum(1 for c in manager.chunks if c.update is not None and not c.update.done())
+        gate.set()
+        zero.join()
+        assert not waited, "zero_grad() waited for the optimizer updates"
+        assert pending > 0
+    assert_losses_close(losses, _train(ref, ropt, batches))
+    opt.synchronize()
+    assert_params_close(model.state_dict(), ref.state_dict())
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["checkpoint", "checkpoint-reentrant"])
