@@ -24,15 +24,13 @@ to every other row of its group (vs_dd, vs_buffered, vs_engine_python).
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, quick_mode
+from conftest import ROOT, filesystem_of, quick_mode, run_dd
 from heteromem.io import IoEngine, aligned_empty
 from heteromem.io.engine import native_unavailable_reason
 
@@ -47,20 +45,6 @@ RESULTS: dict[tuple[str, int], dict[str, float]] = {}
 
 def size_label(nbytes: int) -> str:
     return f"{nbytes // 1024 // MiB}G" if nbytes % (1024 * MiB) == 0 else f"{nbytes // MiB}M"
-
-
-def filesystem_of(path: Path) -> str:
-    """'ext4 on /dev/vda (mounted at /)': the /proc/mounts entry holding `path`."""
-    best = ("", "unknown", "unknown")
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            device, mount, fstype = line.split()[:3]
-            inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best[0]):
-                best = (mount, fstype, device)
-    except OSError:
-        pass
-    return f"{best[1]} on {best[2]} (mounted at {best[0] or '?'})"
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +111,6 @@ def teardown_module() -> None:
     if _chunk is not None:
         _chunk.drop()
         _chunk = None
-
-
-def run_dd(args: list[str]) -> float:
-    """Runs dd; returns the seconds it reports for the copy itself."""
-    out = subprocess.run(["dd", *args], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"dd {' '.join(args)} failed: {out.stderr.strip()}")
-    match = re.search(r"copied, ([0-9.e+-]+) s", out.stderr)
-    return float(match.group(1)) if match else float("nan")
 
 
 def make_case(impl: str, direction: str, chunk: Chunk, engines: dict[str, IoEngine]):

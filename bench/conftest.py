@@ -15,6 +15,7 @@ import datetime
 import gc
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,29 @@ def bench_sizes() -> list[int]:
                                     "integer; give parameter counts like 10000000,100000000")
         sizes.append(size)
     return sizes
+
+
+def run_dd(args: list[str]) -> float:
+    """Runs dd; returns the seconds it reports for the copy itself."""
+    out = subprocess.run(["dd", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"dd {' '.join(args)} failed: {out.stderr.strip()}")
+    match = re.search(r"copied, ([0-9.e+-]+) s", out.stderr)
+    return float(match.group(1)) if match else float("nan")
+
+
+def filesystem_of(path: Path) -> str:
+    """'ext4 on /dev/vda (mounted at /)': the /proc/mounts entry holding `path`."""
+    best = ("", "unknown", "unknown")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, fstype = line.split()[:3]
+            inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best[0]):
+                best = (mount, fstype, device)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]} (mounted at {best[0] or '?'})"
 
 
 def size_label(numel: int) -> str:

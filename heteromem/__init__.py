@@ -8,8 +8,11 @@ from heteromem._ext import BuildInfo, HeteromemWarning, build_info
 from heteromem._version import __version__
 from heteromem import ops
 from heteromem.errors import OutOfMemory
+from heteromem.runtime.checkpoint import (CheckpointError, export_safetensors, load_checkpoint,
+                                          save_checkpoint, wait_checkpoint)
 from heteromem.runtime.report import Report, report
 from heteromem.runtime.wrap import wrap
 
-__all__ = ["BuildInfo", "HeteromemWarning", "OutOfMemory", "Report", "__version__", "build_info",
-           "ops", "report", "wrap"]
+__all__ = ["BuildInfo", "CheckpointError", "HeteromemWarning", "OutOfMemory", "Report",
+           "__version__", "build_info", "export_safetensors", "load_checkpoint", "ops", "report",
+           "save_checkpoint", "wait_checkpoint", "wrap"]

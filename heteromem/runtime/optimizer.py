@@ -261,10 +261,10 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def state_dict(self):
         raise NotImplementedError(
-            "heteromem's optimizer state lives in chunks; save it with hm.save_checkpoint once "
-            "the checkpoint capability lands (not built yet)")
+            "heteromem's optimizer state lives in chunks (host, device and NVMe), not in a "
+            "state dict: save it with hm.save_checkpoint(path, model, opt)")
 
     def load_state_dict(self, state_dict):
         raise NotImplementedError(
-            "heteromem's optimizer state lives in chunks; load it with hm.load_checkpoint once "
-            "the checkpoint capability lands (not built yet)")
+            "heteromem's optimizer state lives in chunks: load it with "
+            "hm.load_checkpoint(path, model, opt)")

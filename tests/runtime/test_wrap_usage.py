@@ -15,7 +15,7 @@ from torch import nn
 
 import heteromem as hm
 from wrap_helpers import (assert_losses_close, assert_pages, assert_params_close, gpt_batches,
-                          gpt_pair, paging_kwargs, param_bytes)
+                          gpt_pair, paging_kwargs, param_bytes, train_steps)
 
 
 class Residual(nn.Module):
@@ -77,15 +77,7 @@ def _stack_pair(cls: type[Stack]) -> tuple[Stack, Stack]:
     return ref, copy.deepcopy(ref)
 
 
-def _train(model, opt, batches) -> list[float]:
-    losses = []
-    for idx, tgt in batches:
-        loss = model(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+_train = train_steps
 
 
 # A reused module's chunks stay soft-pinned from the backward of its last use until its first

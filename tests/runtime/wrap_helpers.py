@@ -103,3 +103,17 @@ def assert_params_close(got: dict, ref: dict, tol: float = TOL, skip: tuple[str,
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
         checked += 1
     assert checked > 0
+
+
+def train_steps(model, opt, batches, scheduler=None) -> list[float]:
+    """One forward/backward/step per (idx, tgt) batch; returns the losses."""
+    losses = []
+    for idx, tgt in batches:
+        loss = model(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses

@@ -1,0 +1,168 @@
+"""`export_safetensors`: a wrapped model's weights as one .safetensors file, streamed.
+
+`model.state_dict()` of a wrapped model returns every tensor at once, which for a model that
+only fits because of heteromem may not fit in host memory. Here the header is computed from
+the parameter slots alone (names, shapes, dtypes), then the values are written parameter by
+parameter in chunk order, so each fp32 master on NVMe is read once and at most one
+parameter is converted at a time (plus the NVMe staging buffer, already reserved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+from collections import OrderedDict
+
+import torch
+
+from heteromem.runtime.state_dict import _Masters, _slot_names
+
+# torch dtype -> safetensors dtype name (the spec's names; optional dtypes where torch has them).
+_DTYPES: dict[torch.dtype, str] = {
+    getattr(torch, attr): name for attr, name in [
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"),
+        ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("int64", "I64"),
+        ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint64", "U64"),
+        ("uint32", "U32"), ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL")]
+    if hasattr(torch, attr)}
+_ALIGN = 8  # the data section starts 8-byte aligned, as safetensors' own writer does
+
+
+def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
+                       metadata: dict[str, str] | None = None) -> None:
+    """Writes the weights of a model wrapped by `hm.wrap` to `path` in safetensors format.
+
+    The file holds what `model.state_dict()` returns (fp32 masters of trainable parameters,
+    in each parameter's dtype before wrapping; persistent buffers), except that a tied
+    parameter is written once, under its first state-dict name, as safetensors and
+    `transformers` expect. `metadata` (str -> str) goes into the header with
+    `"format": "pt"`. Extra memory stays around one parameter: nothing is gathered. The file
+    appears under `path` only complete (written next to it, fsynced, then renamed).
+    """
+    state = _wrap_state(model)
+    path = _check_path(path)
+    meta = {"format": "pt", **_check_metadata(metadata)}
+    state.synchronize()  # an optimizer update in flight would change masters while we read
+    entries = _entries(model)
+    header: dict[str, object] = {"__metadata__": meta}
+    end = 0
+    for name, (dtype, shape, _) in entries.items():
+        if dtype not in _DTYPES:
+            raise TypeError(f"export_safetensors: {name!r} has dtype {dtype}, which safetensors "
+                            f"cannot store; supported: {sorted(_DTYPES.values())}")
+        nbytes = shape.numel() * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [end, end + nbytes]}
+        end += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
+
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            masters = _Masters(state.manager)
+            written = 0
+            for name, (dtype, shape, source) in entries.items():
+                if isinstance(source, torch.Tensor):
+                    value = source.detach().to("cpu", dtype)
+                else:  # a slot: read from the chunk now, in order, so NVMe reads stay once each
+                    chunk = source.chunk
+                    flat = masters.get(chunk) if chunk.trainable else chunk.host
+                    value = flat[source.range].to("cpu", dtype)
+                data = value.contiguous().reshape(-1).view(torch.uint8)
+                if data.numel() != shape.numel() * dtype.itemsize:
+                    raise AssertionError(f"export_safetensors: {name!r} has {data.numel()} "
+                                         f"bytes, its header entry says otherwise")
+                f.write(data.numpy())
+                written += data.numel()
+                del value, data  # the next parameter may be large: drop this one first
+            assert written == end
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def _wrap_state(model: object):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"export_safetensors: model must be a torch.nn.Module wrapped by hm.wrap, "
+                        f"got {type(model).__name__}")
+    state = getattr(model, "_heteromem", None)
+    if state is None:
+        raise ValueError(f"export_safetensors: this {type(model).__name__} was not wrapped by "
+                         "hm.wrap; for a plain model use safetensors.torch.save_model(model, path)")
+    return state
+
+
+def _check_path(path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"export_safetensors: path must be a str or os.PathLike, "
+                        f"got {type(path).__name__}")
+    path = os.path.abspath(os.fsdecode(os.fspath(path)))
+    if os.path.isdir(path):
+        raise ValueError(f"export_safetensors: {path!r} is a directory; pass a file path, "
+                         f"e.g. {os.path.join(path, 'model.safetensors')!r}")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ValueError(f"export_safetensors: directory {parent!r} does not exist; create it "
+                         "first (os.makedirs)")
+    return path
+
+
+def _check_metadata(metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise TypeError("export_safetensors: metadata must be a dict of str to str (safetensors "
+                        "stores nothing else); convert values with str() or json.dumps")
+    return metadata
+
+
+def _entries(model: torch.nn.Module) -> OrderedDict[str, tuple]:
+    """name -> (dtype, shape, slot or tensor), in write order: parameters grouped by chunk
+    (in chunk and offset order), then buffers; each tied parameter under its first name."""
+    slots = _slot_names(model)
+    # NOTE: the class's state_dict with keep_vars=True gives names and order without copying
+    # anything; the wrapped instance's own state_dict would read every value.
+    names = type(model).state_dict(model, keep_vars=True)
+    params, rest, seen = [], [], set()
+    for name, value in names.items():
+        slot = slots.get(name)
+        if slot is not None:
+            if id(slot) not in seen:
+                seen.add(id(slot))
+                params.append((name, slot))
+        elif isinstance(value, torch.Tensor):
+            rest.append((name, (value.dtype, value.shape, value)))
+        else:
+            raise TypeError(f"export_safetensors: state-dict entry {name!r} is a "
+                            f"{type(value).__name__}, not a tensor (extra state?); safetensors "
+                            "holds tensors only")
+    params.sort(key=lambda kv: (kv[1].chunk.index, kv[1].offset))
+    out = OrderedDict((name, (slot.orig_dtype, torch.Size(slot.shape), slot))
+                      for name, slot in params)
+    out.update(rest)
+    return out
+
+
+def _fsync_dir(directory: str) -> None:
+    """Makes the rename durable (POSIX); where directories cannot be opened, nothing to do."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,150 @@
+"""What a checkpoint holds of a wrapped model, and where each piece lives right now.
+
+Shared by save and load: the model's description for the manifest (parameters by name with
+their chunk, offset, shape and dtype; chunks and their regions; the optimizer's groups and
+loss scaler), and per chunk the tensors holding each region (host buffers, device tensors
+for chunks whose state lives on the device, or NVMe staging views).
+"""
+
+from __future__ import annotations
+
+import datetime
+import numbers
+
+import torch
+
+from heteromem._version import __version__
+from heteromem.memory.chunk import Chunk, HostState
+from heteromem.runtime.checkpoint.layout import FORMAT, FORMAT_VERSION, CheckpointError, chunk_file
+from heteromem.runtime.state_dict import _slot_names
+
+FP32 = torch.float32
+DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
+                                                     torch.float64, torch.int64, torch.int32,
+                                                     torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def wrap_state(model: object, what: str):
+    state = getattr(model, "_heteromem", None)
+    if state is None:
+        raise TypeError(f"{what}: the model was not wrapped by heteromem; call "
+                        "`model, opt = hm.wrap(model, opt, ...)` first")
+    return state
+
+
+def check_optimizer(state, optimizer: object, what: str) -> None:
+    if optimizer is not None and optimizer is not state.optimizer:
+        raise ValueError(f"{what}: optimizer is not the one hm.wrap returned for this model; "
+                         "pass the optimizer from `model, opt = hm.wrap(...)` (or None)")
+
+
+def regions(chunk: Chunk) -> list[tuple[str, torch.dtype]]:
+    """The regions of a chunk's file, in order. In fp32 mode the parameters are the master."""
+    out = [("params", chunk.dtype)]
+    if chunk.trainable:
+        if chunk.dtype != FP32:
+            out.append(("master", FP32))
+        out += [("exp_avg", FP32), ("exp_avg_sq", FP32)]
+    return out
+
+
+def live_tensors(manager, chunk: Chunk) -> dict[str, torch.Tensor]:
+    """The tensors holding each region now. NVMe states are read into staging slot 0: the
+    views stay valid until that slot is used again."""
+    used = chunk.used
+    if chunk.states_on_device:
+        # The device has the current parameters and states; the host copy is not kept.
+        out = {"params": chunk.device_view()}
+        states = (chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
+    else:
+        out = {"params": chunk.host[:used]}
+        states = (manager.nvme.load(chunk) if chunk.nvme is not None
+                  else (chunk.master, chunk.exp_avg, chunk.exp_avg_sq))
+    if chunk.trainable:
+        out.update(master=states[0], exp_avg=states[1], exp_avg_sq=states[2])
+    return {name: out[name] for name, _ in regions(chunk)}
+
+
+def check_quiet(state, what: str) -> None:
+    """A checkpoint is taken between steps: refuses while gradients are pending."""
+    state.synchronize()
+    state.manager.grads_home()
+    for chunk in state.manager.chunks:
+        if chunk.host_state is not HostState.PARAMS or any(
+                s.grad_loc is not None for s in chunk.slots):
+            raise CheckpointError(
+                f"{what}: gradients from backward() are waiting for opt.step(); a checkpoint is "
+                "taken between steps: call opt.step() (or opt.zero_grad()) first")
+
+
+def _jsonable(value: object, where: str) -> object:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, str, numbers.Real)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v, where) for v in value]
+    raise CheckpointError(f"save_checkpoint: {where} holds a {type(value).__name__}, which a "
+                          "checkpoint cannot record; use numbers, strings or tuples there")
+
+
+def describe(model: torch.nn.Module, state) -> dict:
+    """The manifest of the model's current state (without the files' checksums)."""
+    manager = state.manager
+    names: dict[int, list[str]] = {}
+    slots = {}
+    for name, slot in _slot_names(model).items():
+        names.setdefault(id(slot), []).append(name)
+        slots[id(slot)] = slot
+    params = [dict(names=names[key], chunk=slot.chunk.index, offset=slot.offset, numel=slot.numel,
+                   shape=list(slot.shape), dtype=dtype_name(slot.orig_dtype),
+                   trainable=slot.trainable, group=slot.group, step=slot.step)
+              for key, slot in slots.items()]
+    chunks = []
+    for chunk in manager.chunks:
+        offset, layout = 0, []
+        for name, dtype in regions(chunk):
+            layout.append(dict(name=name, dtype=dtype_name(dtype), offset=offset, numel=chunk.used))
+            offset += chunk.used * dtype.itemsize
+        chunks.append(dict(index=chunk.index, file=chunk_file(chunk.index), used=chunk.used,
+                           trainable=chunk.trainable, bytes=offset, regions=layout))
+    opt = state.optimizer
+    optimizer = None
+    if opt is not None:
+        groups = [{k: _jsonable(v, f"optimizer param group {i} {k!r}")
+                   for k, v in g.items() if k != "params"} for i, g in enumerate(opt.param_groups)]
+        optimizer = dict(adamw=opt.adamw, param_groups=groups, skipped_steps=opt.skipped_steps,
+                         scaler=opt.scaler.state_dict() if opt.scaler is not None else None)
+    return dict(format=FORMAT, format_version=FORMAT_VERSION, heteromem_version=__version__,
+                torch_version=torch.__version__,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                dtype=dtype_name(manager.chunks[0].dtype) if manager.chunks else "float32",
+                params=params, chunks=chunks, optimizer=optimizer)
+
+
+def buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state-dict entries that are not wrapped parameters (persistent buffers)."""
+    wrapped = set(_slot_names(model))
+    # NOTE: the original Module.state_dict, not the wrapped one: no need to gather parameters.
+    out = torch.nn.Module.state_dict(model)
+    return {k: v.detach().to("cpu", copy=True) for k, v in out.items() if k not in wrapped}
+
+
+def rng_state() -> dict:
+    """CPU and (already initialised) CUDA generator states, for an exact resume."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return out
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    cuda = rng.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        for i, s in enumerate(cuda):
+            torch.cuda.set_rng_state(s, i)
