@@ -375,6 +375,16 @@ class ChunkManager:
         if chunk.device_state is DeviceState.MIXED:
             chunk.move_device(DeviceState.PARAMS)
 
+    def settle_loads(self) -> None:
+        """Waits for copies to the device still in flight (prefetches), so host buffers can be
+        overwritten (load_state_dict, load_checkpoint) without racing a copy that reads them."""
+        for chunk in self.chunks:
+            if chunk.device_state is DeviceState.LOADING:
+                if chunk.load_event is not None:
+                    chunk.load_event.synchronize()
+                chunk.load_event = None
+                chunk.move_device(DeviceState.PARAMS)
+
     def wait_updates(self) -> None:
         for chunk in self.chunks:
             self._wait_update(chunk)

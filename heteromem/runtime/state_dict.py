@@ -71,6 +71,7 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
                                f"missing keys {missing}, unexpected keys {unexpected}")
         if state.optimizer is not None:
             state.optimizer.zero_grad()
+        state.manager.settle_loads()
         by_chunk: dict[int, list] = {}
         for name, slot in names.items():
             if name in state_dict:

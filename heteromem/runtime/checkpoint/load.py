@@ -211,6 +211,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                           f"{tuple(live_buffers[name].shape)}", "load it into the model it was saved from")
     # Everything checked: from here on the live state changes.
     state.synchronize()
+    state.manager.settle_loads()
     if state.optimizer is not None:
         state.optimizer.zero_grad()
     with torch.no_grad():
