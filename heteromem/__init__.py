@@ -10,9 +10,11 @@ from heteromem import ops
 from heteromem.errors import OutOfMemory
 from heteromem.runtime.checkpoint import (CheckpointError, export_safetensors, load_checkpoint,
                                           save_checkpoint, wait_checkpoint)
+from heteromem.planner import Plan, plan
 from heteromem.runtime.report import Report, report
 from heteromem.runtime.wrap import wrap
 
 __all__ = ["BuildInfo", "CheckpointError", "HeteromemWarning", "OutOfMemory", "Report",
-           "__version__", "build_info", "export_safetensors", "load_checkpoint", "ops", "report",
+           "Plan", "__version__", "build_info", "export_safetensors", "load_checkpoint", "ops", "plan",
+           "report",
            "save_checkpoint", "wait_checkpoint", "wrap"]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m heteromem {demo,info}``."""
+"""Command line: ``python -m heteromem {demo,info,plan}``."""
 
 from __future__ import annotations
 
@@ -14,12 +14,21 @@ def main(argv: list[str] | None = None) -> int:
     from heteromem.cli.demo import add_arguments
 
     add_arguments(demo)
+    planner = sub.add_parser("plan", help="will a model train here: bytes per tier, placement, "
+                                          "a lower bound on step time")
+    from heteromem.cli.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(planner)
     args = parser.parse_args(argv)
     if args.command == "info":
         import heteromem
 
         print(heteromem.build_info())
         return 0
+    if args.command == "plan":
+        from heteromem.cli.plan import run as run_plan
+
+        return run_plan(args)
     from heteromem.cli.demo import run
 
     return run(args)

@@ -1,0 +1,136 @@
+"""hm.plan: figures against hand-computed ones, plans at scale, overflows named, model
+descriptions from configs and modules matching real parameter counts, calibration, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import heteromem as hm
+from heteromem.planner import Figures, ModelSpec, calibrate, describe_model
+
+GiB = 2**30
+FIG = Figures(h2d_gbps=20.0, d2h_gbps=10.0, cpu_adam_gparams=2.0, nvme_read_gbps=4.0,
+              nvme_write_gbps=2.0, gpu_tflops=100.0, source="test")
+
+
+def test_bytes_and_times_match_a_hand_computation():
+    """1e9 parameters (largest 1e7, shape unknown), bf16, a 2 GiB GPU, 16 GiB host.
+    Chunk: max(32 Mi elements, 1e7) = 33,554,432 elements = 64 MiB; working set: 1 chunk for
+    the largest parameter + 2 prefetched + 1 = 4 chunks = 256 MiB; device fixed: 256 MiB +
+    1 GiB CUDA reserve; 768 MiB left holds 805,306,368 // 14 = 57,521,883 parameters' state,
+    rounded down to whole chunks: 33,554,432. The rest, 966,445,568 parameters, keep 12 bytes
+    of state each on the host, next to 2e9 bytes of bf16 parameters."""
+    model = ModelSpec("toy", params=10**9, largest=10**7)
+    p = hm.plan(model, gpu_memory=2 * GiB, host_memory="16GiB", figures=FIG)
+    assert p.fits and p.overflow is None
+    assert p.chunk_bytes == 64 * 2**20 and p.working_chunks == 4
+    assert p.state_params == {"device": 33_554_432, "host": 966_445_568, "nvme": 0}
+    assert p.tiers["device"].needed == 256 * 2**20 + GiB + 33_554_432 * 14
+    assert p.tiers["host"].needed == 2 * 10**9 + 966_445_568 * 12
+    assert p.tiers["nvme"].needed == 0
+    tokens = 2048
+    assert p.step_seconds["GPU compute"] == pytest.approx(8 * 1e9 * tokens / 100e12)
+    assert p.step_seconds["host->GPU copies"] == pytest.approx(2 * 966_445_568 * 2 / 20e9)
+    assert p.step_seconds["GPU->host copies"] == pytest.approx(966_445_568 * 2 / 10e9)
+    assert p.step_seconds["CPU Adam"] == pytest.approx(966_445_568 / 2e9)
+    assert p.bound == "CPU Adam" and p.step_time_lower_bound == p.step_seconds["CPU Adam"]
+    assert "activations not counted" in str(p)
+
+
+def test_optimizer_states_spill_to_nvme_in_two_copies():
+    """Same toy with a 10 GiB host: 2e9 bytes of parameters, then staging for 4 slots of 3 fp32
+    states of a chunk (4 * 3 * 33,554,432 * 4 bytes), the remaining host bytes hold
+    (10 GiB - 2e9 - staging) // 12 parameters' state, the rest goes to NVMe twice."""
+    model = ModelSpec("toy", params=10**9, largest=10**7)
+    p = hm.plan(model, gpu_memory=2 * GiB, host_memory=10 * GiB, nvme="1TB", figures=FIG)
+    staging = 4 * 3 * 33_554_432 * 4
+    on_host = (10 * GiB - 2 * 10**9 - staging) // 12
+    on_nvme = 966_445_568 - on_host
+    assert p.fits and p.state_params == {"device": 33_554_432, "host": on_host, "nvme": on_nvme}
+    assert p.tiers["nvme"].needed == on_nvme * 24
+    assert p.tiers["host"].needed == 2 * 10**9 + on_host * 12 + staging
+    assert p.step_seconds["NVMe"] == pytest.approx(on_nvme * 12 * (1 / 4e9 + 1 / 2e9))
+    assert p.bound == "NVMe"
+
+
+def test_70b_on_one_24gb_gpu_and_1t_on_eight_gpus():
+    p = hm.plan("llama-70b", gpu_memory="24GiB", host_memory="512GiB", nvme="4TiB", figures=FIG)
+    assert p.fits, str(p)
+    assert sum(p.state_params.values()) == p.model.params
+    assert p.state_params["nvme"] > 0 and p.tiers["host"].needed <= 512 * GiB
+    assert p.tiers["device"].needed <= 24 * GiB
+    big = hm.plan("dense-1t", gpu="h100", gpus=8, host_memory="4TiB", nvme="60TB", figures=FIG)
+    assert big.model.params > 10**12 and big.fits, str(big)
+    assert sum(big.state_params.values()) == pytest.approx(big.model.params, abs=8)
+    assert big.tiers["device"].needed <= 80 * GiB
+
+
+def test_each_overflow_names_its_tier():
+    toy = ModelSpec("toy", params=10**9, largest=10**7, layers=8, hidden=4096, vocab=32000)
+    device = hm.plan(toy, gpu_memory=2 * GiB, host_memory="64GiB", batch=64, figures=FIG)
+    assert not device.fits and device.overflow[0] == "device"
+    host = hm.plan(toy, gpu_memory=40 * GiB, host_memory="1GiB", figures=FIG)
+    assert host.overflow[0] == "host" and "parameters stay in host memory" in str(host)
+    states = hm.plan(toy, gpu_memory=3 * GiB, host_memory="6GiB", figures=FIG)
+    assert states.overflow[0] == "host" and "give nvme=" in str(states)
+    disk = hm.plan(toy, gpu_memory=3 * GiB, host_memory="6GiB", nvme="1GB", figures=FIG)
+    assert disk.overflow[0] == "nvme"
+    assert "NO: the nvme tier is short" in str(disk)
+
+
+def test_models_from_configs_and_modules_count_their_real_parameters():
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    gpt2 = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=90, n_positions=64)
+    for cfg, cls in ((llama, transformers.LlamaForCausalLM), (gpt2, transformers.GPT2LMHeadModel)):
+        real = sum(p.numel() for p in cls(cfg).parameters())
+        assert describe_model(cfg).params == real
+        assert describe_model(cfg.to_dict()).params == real
+    module = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 5))
+    spec = describe_model(module)
+    assert spec.params == 10 * 20 + 20 + 20 * 5 + 5 and spec.largest == 200
+    assert describe_model("llama-7b").params == pytest.approx(6.74e9, rel=0.01)
+
+
+def test_config_json_path_and_bad_inputs(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, vocab_size=50)))
+    assert describe_model(str(tmp_path)).layers == 2
+    with pytest.raises(ValueError, match="neither a preset"):
+        hm.plan("no-such-model", gpu_memory="24GiB", host_memory="64GiB")
+    with pytest.raises(ValueError, match="gpu_memory"):
+        hm.plan("llama-7b", host_memory="64GiB")
+    with pytest.raises(ValueError, match="unknown gpu"):
+        hm.plan("llama-7b", gpu="tpu", host_memory="64GiB")
+    with pytest.raises(ValueError, match="params=N"):
+        hm.plan(gpu_memory="24GiB", host_memory="64GiB")
+
+
+def test_calibration_is_stored_and_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETEROMEM_CACHE_DIR", str(tmp_path / "cache"))
+    fig = calibrate(str(tmp_path), params=1_000_000)
+    assert fig.cpu_adam_gparams > 0 and fig.nvme_write_gbps > 0 and fig.nvme_read_gbps > 0
+    assert fig.source.startswith("calibrated")
+    p = hm.plan("gpt2", gpu_memory="8GiB", host_memory="16GiB")
+    assert p.figures.source == fig.source
+    assert p.figures.cpu_adam_gparams == pytest.approx(fig.cpu_adam_gparams)
+
+
+def test_command_line(tmp_path):
+    env = dict(os.environ, HETEROMEM_CACHE_DIR=str(tmp_path))
+    ok = subprocess.run([sys.executable, "-m", "heteromem", "plan", "llama-70b", "--gpu-memory",
+                         "24GiB", "--host-memory", "512GiB", "--nvme", "4TiB"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "fits       yes" in ok.stdout, ok.stdout + ok.stderr
+    short = subprocess.run([sys.executable, "-m", "heteromem", "plan", "--params", "7e9",
+                            "--gpu", "rtx4090", "--host-memory", "32GiB"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert short.returncode == 1 and "NO: the host tier" in short.stdout
