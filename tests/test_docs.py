@@ -25,3 +25,26 @@ def samples():
 @pytest.mark.parametrize("code", list(samples()))
 def test_doc_sample_runs(code):
     exec(compile(code, "<doc sample>", "exec"), {"__name__": "__doc_sample__"})
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import heteromem
+    import heteromem.io
+    import heteromem.ops
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    names = [f"hm.{n}" for n in heteromem.__all__]
+    names += [f"heteromem.ops.{n}" for n in ("adam_step_", "reference", "adam")]
+    names += [f"heteromem.io.{n}" for n in heteromem.io.__all__ if n != "IoFile"] + ["IoFile"]
+    missing = [n for n in names if n not in text]
+    assert not missing, f"docs/api.md does not document {missing}"
+
+
+def test_troubleshooting_covers_every_error_family():
+    """Each place heteromem raises user-facing errors from has its section."""
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    families = ["hm.wrap", "hm.OutOfMemory", "ulimit -l", "NVMe tier", "save_checkpoint",
+                "load_checkpoint", "background checkpoint save", "export_safetensors",
+                "hm.plan", "adam_step_", "IoEngine", "Report.plot", "IllegalTransition",
+                "heteromem._C could not be loaded", "load_state_dict"]
+    assert not [f for f in families if f not in text]
