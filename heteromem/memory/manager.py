@@ -9,7 +9,7 @@ gradients through `grad_source` and writes updates through the host buffers.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -17,7 +17,11 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
 from heteromem.memory.streams import CopyEngine
 from heteromem.memory.tiers import DeviceChunkMemory, Tier
+from heteromem.memory.timeline import TimelineRecorder
 from heteromem.memory.tracer import Trace
+
+if TYPE_CHECKING:
+    from heteromem.memory.nvme import NvmeTier
 
 PREFETCH_CHUNKS = 2
 
@@ -34,12 +38,26 @@ class ChunkManager:
         # so none by default (tests turn it on to run the same logic).
         self.prefetch_depth = PREFETCH_CHUNKS if self.copies.cuda else 0
         self.trace = Trace()
+        self.timeline = TimelineRecorder([device_tier, host_tier])
+        self.copies.on_stall = self.timeline.stall
         self.fp32 = chunks[0].dtype == torch.float32 if chunks else False
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.update_stall_seconds = 0.0
-        self.nvme = None  # NvmeTier when nvme_dir was given
+        self._nvme: NvmeTier | None = None
         # Most chunks (not kept on the device) pinned at once so far: what paging needs.
         self.peak_pinned = 0
+
+    @property
+    def nvme(self) -> NvmeTier | None:
+        """The NvmeTier when nvme_dir was given, else None."""
+        return self._nvme
+
+    @nvme.setter
+    def nvme(self, nvme: NvmeTier | None) -> None:
+        self._nvme = nvme
+        if nvme is not None:  # its file bytes and waits join the memory timeline
+            self.timeline.add_tier(nvme.tier)
+            nvme.on_stall = self.timeline.stall
 
     # ------------------------------------------------------------------ parameter views
 
@@ -361,7 +379,9 @@ class ChunkManager:
         if not chunk.update.done():
             start = time.perf_counter()
             chunk.update.result()
-            self.update_stall_seconds += time.perf_counter() - start
+            end = time.perf_counter()
+            self.update_stall_seconds += end - start
+            self.timeline.stall(start, end, "update")
         future, chunk.update = chunk.update, None
         future.result()  # re-raises an update failure here, in the training thread
 

@@ -87,6 +87,8 @@ class NvmeTier:
         self.bytes_read = 0
         self.bytes_written = 0
         self.wait_seconds = 0.0
+        # Called with (start, end, "nvme") for each wait (the memory timeline).
+        self.on_stall: Callable[[float, float, str], None] | None = None
 
     # ------------------------------------------------------------------ staging pool
 
@@ -148,7 +150,10 @@ class NvmeTier:
         try:
             self.engine.wait(ticket)
         finally:
-            self.wait_seconds += time.perf_counter() - start
+            end = time.perf_counter()
+            self.wait_seconds += end - start
+            if self.on_stall is not None:
+                self.on_stall(start, end, "nvme")
 
     def _submit_read(self, chunk: Chunk, slot: StagingSlot) -> int:
         states = chunk.nvme

@@ -13,6 +13,7 @@ on both streams and read back once those events are done (`stall_seconds`).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,8 @@ class CopyEngine:
         self._stall_seconds = 0.0
         # (copy done, compute reached the wait) event pairs not yet read back.
         self._waits: list[tuple[object, object]] = []
+        # Called with (start, end, "copy") for each CPU-side wait (the memory timeline).
+        self.on_stall: Callable[[float, float, str], None] | None = None
 
     @property
     def stall_seconds(self) -> float:
@@ -92,4 +95,7 @@ class CopyEngine:
             return
         start = time.perf_counter()
         event.synchronize()
-        self._stall_seconds += time.perf_counter() - start
+        end = time.perf_counter()
+        self._stall_seconds += end - start
+        if self.on_stall is not None:
+            self.on_stall(start, end, "copy")

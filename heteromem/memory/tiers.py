@@ -8,7 +8,8 @@ allocator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -17,12 +18,14 @@ from heteromem.errors import OutOfMemory, format_bytes
 
 @dataclass
 class Tier:
-    """Byte accounting of one tier; `budget` None means unbounded."""
+    """Byte accounting of one tier; `budget` None means unbounded. `recorder`, when set, is
+    called with the tier after every reserve and release (the memory timeline)."""
 
     name: str
     budget: int | None
     current: int = 0
     peak: int = 0
+    recorder: Callable[["Tier"], None] | None = field(default=None, repr=False, compare=False)
 
     def left(self) -> int | None:
         return None if self.budget is None else self.budget - self.current
@@ -35,12 +38,16 @@ class Tier:
             raise OutOfMemory(self.name, nbytes, max(self.left() or 0, 0), advice, what)
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        if self.recorder is not None:
+            self.recorder(self)
 
     def release(self, nbytes: int) -> None:
         if nbytes > self.current:
             raise AssertionError(f"{self.name} tier: releasing {nbytes} bytes but only "
                                  f"{self.current} are reserved")
         self.current -= nbytes
+        if self.recorder is not None:
+            self.recorder(self)
 
 
 class DeviceChunkMemory:

@@ -82,6 +82,8 @@ class Hooks:
     def _root_pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         if _graph_task() != -1:  # a recomputation inside backward, not a new forward
             return
+        # Before re-packing: its moves belong to the iteration that runs with the new layout.
+        self.manager.timeline.new_iteration()
         if self.first_use and self.on_first_use_order is not None:
             # Re-packing allocates chunks: never as inference tensors.
             with torch.inference_mode(False):
@@ -124,6 +126,7 @@ class Hooks:
         if task in self._tasks_with_callback:
             return
         self._tasks_with_callback.add(task)
+        self.manager.timeline.mark("backward")
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_backward(task))
 
     def _pre_backward(self, call: _Call) -> None:

@@ -82,6 +82,7 @@ class HeteroAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         manager = self.manager
+        manager.timeline.mark("step")
         manager.end_backward()
         manager.grads_home()
         chunks = [c for c in self._chunks() if manager.grad_source(c) is not None]

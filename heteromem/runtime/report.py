@@ -1,12 +1,15 @@
-"""`hm.report(model)`: bytes per tier (budget, current, peak), bytes moved, stall time."""
+"""`hm.report(model)`: bytes per tier (budget, current, peak), bytes moved, stall time, and
+a memory timeline of one iteration (`Report.plot` draws it)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from heteromem.errors import format_bytes
+from heteromem.memory.timeline import MemoryTimeline
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Report:
     resident_chunks: int = 0
     state_chunks_on_device: int = 0   # chunks updated on the device (optimizer state there)
     details: dict[str, int] = field(default_factory=dict)
+    # Per-tier bytes, stalls and phases over the latest iteration (see MemoryTimeline).
+    timeline: MemoryTimeline | None = None
 
     def __str__(self) -> str:
         lines = [f"{'tier':<8}{'budget':>14}{'current':>14}{'peak':>14}"]
@@ -45,6 +50,20 @@ class Report:
         for key, value in self.details.items():
             lines.append(f"{key}: {format_bytes(value)}")
         return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike, *, title: str | None = None) -> str | os.PathLike:
+        """Draws the memory timeline to `path` (any format matplotlib writes: .png, .svg,
+        .pdf) and returns `path`: one panel per tier with its reserved bytes over the
+        iteration, the budget dashed where bounded, the periods the training thread stalled
+        shaded, and where forward, backward and step began. Needs matplotlib
+        (`pip install matplotlib`); it draws off-screen, never opening a window."""
+        from heteromem.runtime.plot import plot_timeline
+
+        if self.timeline is None:
+            raise ValueError("Report.plot: this report has no memory timeline; take it with "
+                             "hm.report(model) after a training step")
+        budgets = {name: t.budget_bytes for name, t in self.tiers.items()}
+        return plot_timeline(self.timeline, budgets, path, title=title)
 
 
 def report(model: torch.nn.Module) -> Report:

@@ -168,7 +168,8 @@ class WrapState:
                       chunks=len(m.chunks), chunk_bytes=m.memory.slab_bytes,
                       resident_chunks=sum(1 for c in m.chunks if c.resident),
                       details=details,
-                      state_chunks_on_device=sum(1 for c in m.chunks if c.states_on_device))
+                      state_chunks_on_device=sum(1 for c in m.chunks if c.states_on_device),
+                      timeline=m.timeline.snapshot())
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
