@@ -18,7 +18,7 @@ import torch
 
 import heteromem as hm
 from heteromem.errors import format_bytes
-from heteromem.memory.nvme import DEFAULT_STAGING_SLOTS, STATES, region_bytes
+from heteromem.memory.nvme import staging_bytes
 from heteromem.models import GPT, GPTConfig
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nvme_dir is not None:
         # Host: parameters, fp32 gradient buffers and the staging pool; no optimizer state.
         capacity = int(chunk_mb * 2**20) // torch.empty((), dtype=dtype).element_size()
-        staging = DEFAULT_STAGING_SLOTS * STATES * region_bytes(capacity)
+        staging = staging_bytes(capacity)
         nvme = dict(nvme_dir=args.nvme_dir, host_memory=param_bytes + n_params * 4 + staging
                     + 64 * 6 * sum(1 for _ in model.parameters()))
     model, opt = hm.wrap(model, lr=args.lr, weight_decay=0.01, device=args.device, dtype=dtype,

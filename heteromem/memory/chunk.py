@@ -126,6 +126,13 @@ class Chunk:
         assert self.allocated, f"chunk {self.index} has no device copy"
         return self.device_buffer[: self.used]
 
+    def state_bytes(self) -> int:
+        """Bytes of the chunk's optimizer state off the device: fp32 master, exp_avg and
+        exp_avg_sq, the master being the parameter buffer itself in fp32 (0 when frozen)."""
+        if not self.trainable:
+            return 0
+        return self.used * (8 if self.dtype == torch.float32 else 12)
+
     def host_bytes(self) -> int:
         """Host bytes this chunk holds (parameters, and fp32 states when trainable)."""
         total = self.host.numel() * self.host.element_size() if self.host is not None else 0

@@ -170,7 +170,7 @@ class ChunkManager:
         best, best_key = None, (True, -1.0)
         for c in self.chunks:
             if c.device_state is DeviceState.LOADING and c.pins == 0:
-                self._settle(c)
+                self._settle(c, block=False)
             if (c is exclude or c.pins > 0 or c.keep_on_device or not c.allocated
                     or c.device_state is DeviceState.LOADING):
                 continue
@@ -179,12 +179,16 @@ class ChunkManager:
                 best, best_key = c, key
         return best
 
-    def _settle(self, chunk: Chunk) -> None:
+    def _settle(self, chunk: Chunk, block: bool) -> None:
         """A prefetched chunk whose copy has landed is an ordinary resident chunk (and may be
-        evicted if its use never comes); one still loading stays untouchable."""
-        if chunk.load_event is None or chunk.load_event.query():
-            chunk.load_event = None
-            chunk.move_device(DeviceState.PARAMS)
+        evicted if its use never comes); one still loading stays untouchable unless `block`
+        waits for its copy."""
+        if chunk.load_event is not None and not chunk.load_event.query():
+            if not block:
+                return
+            chunk.load_event.synchronize()
+        chunk.load_event = None
+        chunk.move_device(DeviceState.PARAMS)
 
     def evict(self, chunk: Chunk) -> None:
         """Frees the device copy; gradients on it are sent home first."""
@@ -341,11 +345,22 @@ class ChunkManager:
 
     def restore_host(self, chunk: Chunk) -> None:
         """The host buffer gets its parameter values back from the fp32 master (after it
-        held gradients)."""
+        held gradients, or an update that was undone)."""
+        chunk.host[: chunk.used].copy_(self.states(chunk)[0])
+
+    def states(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A trainable chunk's fp32 master, exp_avg and exp_avg_sq where they live now (host or
+        device tensors). States on NVMe are read into staging slot 0: the views stay valid
+        until that slot is used again, and `nvme.store(chunk)` writes changes back."""
         if chunk.nvme is not None:
-            self.nvme.restore_host(chunk)
-        else:
-            chunk.host[: chunk.used].copy_(chunk.master)
+            return self.nvme.load(chunk)
+        return chunk.master, chunk.exp_avg, chunk.exp_avg_sq
+
+    @staticmethod
+    def values(chunk: Chunk) -> torch.Tensor:
+        """The chunk's current parameter values in the compute dtype: the device copy when its
+        optimizer state lives there (the host copy is not kept then), else the host buffer."""
+        return chunk.device_view() if chunk.states_on_device else chunk.host[: chunk.used]
 
     def grads_home(self) -> None:
         """Waits for every gradient copy to the host (before norms and updates)."""
@@ -400,10 +415,7 @@ class ChunkManager:
         overwritten (load_state_dict, load_checkpoint) without racing a copy that reads them."""
         for chunk in self.chunks:
             if chunk.device_state is DeviceState.LOADING:
-                if chunk.load_event is not None:
-                    chunk.load_event.synchronize()
-                chunk.load_event = None
-                chunk.move_device(DeviceState.PARAMS)
+                self._settle(chunk, block=True)
 
     def wait_updates(self) -> None:
         for chunk in self.chunks:

@@ -45,6 +45,11 @@ def file_bytes(capacity: int) -> int:
     return 2 * STATES * region_bytes(capacity)
 
 
+def staging_bytes(capacity: int, slots: int = DEFAULT_STAGING_SLOTS) -> int:
+    """Host bytes of a staging pool of `slots` slots, each one chunk's three states."""
+    return slots * STATES * region_bytes(capacity)
+
+
 @dataclass(eq=False)
 class NvmeStates:
     """Where one chunk's optimizer states live on the NVMe tier."""
@@ -183,11 +188,6 @@ class NvmeTier:
         """Writes staging slot `slot_index` (filled by `load` and changed) as the chunk's new
         state: into the other copy, then flipped, so a failure keeps the old state."""
         self._write(chunk, self.slots[slot_index], copy=1 - chunk.nvme.current)
-
-    def restore_host(self, chunk: Chunk) -> None:
-        """The host buffer gets the parameter values back from the fp32 master on disk."""
-        master, _, _ = self.load(chunk)
-        chunk.host[: chunk.used].copy_(master)
 
     # ------------------------------------------------------------------ the optimizer step
 

@@ -10,8 +10,6 @@ on the device (GPU Adam) without any copy; the others are updated on the host (C
 
 from __future__ import annotations
 
-import torch
-
 from heteromem.memory.chunk import Chunk
 from heteromem.memory.manager import PREFETCH_CHUNKS, ChunkManager
 
@@ -55,15 +53,10 @@ def promote(manager: ChunkManager, chunk: Chunk) -> None:
     manager.make_room(nbytes, f"optimizer state of chunk {chunk.index}")
     manager.device_tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}",
                                 advice="raise device_memory")
-    if chunk.nvme is not None:
-        states = manager.nvme.load(chunk)
-        host_state_bytes = 0
-    else:
-        states = (chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
-        host_state_bytes = chunk.used * (8 if chunk.master is chunk.host else 12)
+    host_state_bytes = 0 if chunk.nvme is not None else chunk.state_bytes()
     # copy=True: the master must not stay the host buffer (fp32), nor a staging view (NVMe).
     chunk.master, chunk.exp_avg, chunk.exp_avg_sq = (
-        t.to(manager.device, copy=True) for t in states)
+        t.to(manager.device, copy=True) for t in manager.states(chunk))
     if chunk.nvme is not None:
         manager.nvme.drop(chunk)
     if chunk.acc is not None:

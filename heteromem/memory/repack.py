@@ -19,9 +19,8 @@ from heteromem.memory.tracer import Trace
 
 def host_reservation(chunk: Chunk) -> int:
     """Bytes `hm.wrap` reserved on the host tier for the chunk's buffers (not the acc)."""
-    states = 0 if not chunk.trainable or chunk.nvme is not None else (
-        8 if chunk.dtype == torch.float32 else 12)
-    return chunk.used * (chunk.host.element_size() + states)
+    states = 0 if chunk.nvme is not None else chunk.state_bytes()
+    return chunk.used * chunk.host.element_size() + states
 
 
 def can_repack(manager: ChunkManager) -> bool:

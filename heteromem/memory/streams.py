@@ -45,10 +45,12 @@ class CopyEngine:
                 pending.append((done, reached))
                 continue
             if block:
+                done.synchronize()
                 reached.synchronize()
             # Positive when the copy finished after the compute stream got to the wait.
             self._stall_seconds += max(0.0, reached.elapsed_time(done)) / 1e3
         self._waits = pending
+
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, after: object = None,
               after_compute: bool = False) -> object:
         if not self.cuda:
@@ -78,9 +80,7 @@ class CopyEngine:
         """Makes device data filled by `event` safe for the compute stream: the stream waits
         on the GPU, the CPU goes on launching. The wait is timed on the GPU (see class doc)."""
         if event is None or event.query():
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-            return
+            return  # the copy has landed: nothing to wait for
         stream = torch.cuda.current_stream(self.device)
         reached = torch.cuda.Event(enable_timing=True)
         reached.record(stream)

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from heteromem.errors import format_bytes
-from heteromem.memory.nvme import DEFAULT_STAGING_SLOTS
+from heteromem.memory.manager import PREFETCH_CHUNKS
+from heteromem.memory.nvme import staging_bytes
 from heteromem.memory.sizes import parse_size
 from heteromem.planner.figures import GPUS, Figures, load_figures
 from heteromem.planner.models import ModelSpec, describe_model
+from heteromem.runtime.wrap import chunk_capacity
 
 GiB = 2**30
-DEFAULT_CHUNK_ELEMS = 32 * 2**20      # hm.wrap's default: 64 MiB of bf16
-PREFETCH_CHUNKS = 2
 CUDA_RESERVE = 1 * GiB                # CUDA context, cuBLAS workspace, allocator slack
 ACT_PER_TOKEN_LAYER = 34              # bytes per token and hidden unit of one layer (bf16,
                                       # fused attention): the Megatron-LM activation count
@@ -129,7 +129,8 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     notes: list[str] = []
 
     # Chunks and the device working set.
-    chunk_elems = max(int(chunk_mb * 2**20) // elem if chunk_mb else DEFAULT_CHUNK_ELEMS, m.largest)
+    # A given chunk_mb must hold the largest parameter in wrap too (it refuses otherwise).
+    chunk_elems = max(chunk_capacity(m.params, m.largest, chunk_mb, elem), m.largest)
     chunk_bytes = chunk_elems * elem
     layer = (m.params - (m.vocab or 0) * (m.hidden or 0)) // m.layers if m.layers else m.largest
     working = math.ceil(max(layer, m.largest) / chunk_elems) + PREFETCH_CHUNKS + 1
@@ -152,7 +153,7 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     host_room = host - host_params - acc
     states_left = (rank_params - on_device) * gpus
     # Each rank stages its shard of a chunk's three fp32 states per slot.
-    staging = DEFAULT_STAGING_SLOTS * 3 * math.ceil(chunk_elems / gpus) * 4 * gpus
+    staging = staging_bytes(math.ceil(chunk_elems / gpus)) * gpus
     on_host = min(states_left, max(0, host_room) // state_elem)
     on_nvme = states_left - on_host
     if on_nvme and disk is not None:

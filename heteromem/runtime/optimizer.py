@@ -85,13 +85,16 @@ class HeteroAdam(torch.optim.Optimizer):
         manager.timeline.mark("step")
         manager.end_backward()
         manager.grads_home()
-        chunks = [c for c in self._chunks() if manager.grad_source(c) is not None]
+        # id(chunk) -> the buffer holding its gradients (taken once: it may gather them).
+        sources = {id(c): src for c in self._chunks()
+                   if (src := manager.grad_source(c)) is not None}
+        chunks = [c for c in self._chunks() if id(c) in sources]
         loss_scale, self._grads_scaled_by = self._grads_scaled_by, 1.0
         # The global norm is one more pass over every gradient, on the critical path before
         # the first update: taken only when clipping or loss scaling needs it.
         norm = None
         if self.max_grad_norm is not None or self.scaler is not None:
-            norm = self._global_norm(chunks) / loss_scale if chunks else 0.0
+            norm = self._global_norm(chunks, sources) / loss_scale if chunks else 0.0
         self.last_grad_norm = norm
         found_inf = self.scaler is not None and not math.isfinite(norm)
         if found_inf:
@@ -108,7 +111,6 @@ class HeteroAdam(torch.optim.Optimizer):
         order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
         chunks.sort(key=lambda c: order.get(c.index, len(order) + c.index))
         runs = {id(c): self._runs(c) for c in chunks}
-        sources = {id(c): manager.grad_source(c) for c in chunks}
         # States on NVMe first, synchronously and all or nothing: if a read or write fails,
         # nothing of the model or optimizer has changed yet (see `_nvme_failed`).
         on_nvme = [c for c in chunks if c.nvme is not None]
@@ -145,9 +147,9 @@ class HeteroAdam(torch.optim.Optimizer):
         this step's gradients, and raises."""
         try:
             for chunk in on_nvme:
+                # The update wrote new parameters into the host buffer (never in GRADS state:
+                # gradients of NVMe chunks gather in their accumulation buffer).
                 self.manager.restore_host(chunk)
-                if chunk.host_state is HostState.GRADS:
-                    chunk.move_host(HostState.PARAMS)
                 chunk.device_stale = True
             for chunk in chunks:
                 self._discard(chunk)
@@ -190,12 +192,12 @@ class HeteroAdam(torch.optim.Optimizer):
             self.manager.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
 
-    def _global_norm(self, chunks: list[Chunk]) -> float:
+    def _global_norm(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float:
         """sqrt of the sum of squared per-parameter norms, as clip_grad_norm_ computes it;
         summed per device so there is one synchronisation per device, not per parameter."""
         squares: dict[torch.device, list[torch.Tensor]] = {}
         for chunk in chunks:
-            source = self.manager.grad_source(chunk)
+            source = sources[id(chunk)]
             for slot in chunk.slots:
                 if slot.grad_loc in ("host", "acc", "device"):
                     norm = torch.linalg.vector_norm(source[slot.range], dtype=torch.float32)

@@ -30,10 +30,8 @@ class _Masters:
         self.manager, self.chunk, self.master = manager, None, None
 
     def get(self, chunk) -> torch.Tensor:
-        if chunk.nvme is None:
-            return chunk.master
         if chunk is not self.chunk:
-            self.chunk, self.master = chunk, self.manager.nvme.load(chunk)[0]
+            self.chunk, self.master = chunk, self.manager.states(chunk)[0]
         return self.master
 
 
@@ -80,10 +78,9 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
             for items in by_chunk.values():
                 chunk = items[0][0].chunk
                 assert chunk.host_state is HostState.PARAMS
-                nvme = state.manager.nvme if chunk.nvme is not None else None
                 # Master on NVMe: read the chunk's states, change the master, write them back
                 # as a new copy (the old one stays valid until the write succeeded).
-                master = nvme.load(chunk)[0] if nvme is not None else chunk.master
+                master = state.manager.states(chunk)[0]
                 for slot, value in items:
                     value = value.reshape(-1).to("cpu")
                     if chunk.trainable and master is not chunk.host:
@@ -93,8 +90,8 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
                         chunk.host[slot.range].copy_(value)
                     if chunk.states_on_device:
                         chunk.device_view()[slot.range].copy_(master[slot.range])
-                if nvme is not None:
-                    nvme.store(chunk)
+                if chunk.nvme is not None:
+                    state.manager.nvme.store(chunk)
                 if chunk.resident and not chunk.states_on_device:
                     chunk.device_stale = True
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import types
 from typing import Iterable
 
 import torch
@@ -14,8 +13,8 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.layout import pack
 from heteromem.memory.manager import ChunkManager
-from heteromem.memory.nvme import (DEFAULT_STAGING_SLOTS, MIN_STAGING_SLOTS, STATES, NvmeTier,
-                                   check_nvme_dir, file_bytes, region_bytes)
+from heteromem.memory.nvme import (DEFAULT_STAGING_SLOTS, MIN_STAGING_SLOTS, NvmeTier,
+                                   check_nvme_dir, file_bytes, staging_bytes)
 from heteromem.memory.placement import promote_planned
 from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
@@ -30,7 +29,14 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ADAM_KWARGS = ("lr", "betas", "eps", "weight_decay", "adamw")
 # Default chunk: 64 MiB of bf16, never smaller than the largest parameter, and small enough
 # that a model is split into several chunks.
-_DEFAULT_CHUNK_ELEMS = 32 * 2**20
+DEFAULT_CHUNK_ELEMS = 32 * 2**20
+
+
+def chunk_capacity(total: int, largest: int, chunk_mb: float | None, elem: int) -> int:
+    """Elements per chunk: `chunk_mb` as given, else the default above."""
+    if chunk_mb is None:
+        return max(largest, min(DEFAULT_CHUNK_ELEMS, -(-total // 8)))
+    return max(1, int(chunk_mb * 2**20) // elem)
 
 
 def _check_device(device: object) -> torch.device:
@@ -228,10 +234,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     elem = torch.empty((), dtype=dtype).element_size()
     largest = max((p.numel() for _, p in named), default=1)
     total = sum(p.numel() for _, p in named)
-    if chunk_mb is None:
-        capacity = max(largest, min(_DEFAULT_CHUNK_ELEMS, -(-total // 8)))
-    else:
-        capacity = max(1, int(chunk_mb * 2**20) // elem)
+    capacity = chunk_capacity(total, largest, chunk_mb, elem)
     chunks = pack([(n, p, p.shape) for n, p in named], capacity, dtype, group_of)
     slab_bytes = capacity * elem
 
@@ -249,9 +252,9 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
     staging_slots = _staging_slots(staging_budget, capacity)
     on_nvme = _plan_nvme_states(chunks, dtype, host_budget,
-                                staging_slots * STATES * region_bytes(capacity))
+                                staging_bytes(capacity, staging_slots))
     if on_nvme and nvme_dir is None:
-        states = sum(_state_bytes(c, dtype) for c in chunks)
+        states = sum(c.state_bytes() for c in chunks)
         raise OutOfMemory("host", sum(c.used * elem for c in chunks) + states, host_budget,
                           "raise host_memory, or set nvme_dir so optimizer states that do not fit "
                           "go to NVMe", what="parameters and optimizer states")
@@ -336,15 +339,8 @@ def _move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype,
     return total
 
 
-def _state_bytes(chunk: Chunk, dtype: torch.dtype) -> int:
-    """Host bytes of a chunk's optimizer states (fp32: the master is the host buffer)."""
-    if not chunk.trainable:
-        return 0
-    return chunk.used * (8 if dtype == torch.float32 else 12)
-
-
 def _staging_slots(staging_budget: int | None, capacity: int) -> int:
-    slot = STATES * region_bytes(capacity)
+    slot = staging_bytes(capacity, 1)
     if staging_budget is None:
         return DEFAULT_STAGING_SLOTS
     slots = staging_budget // slot
@@ -362,7 +358,7 @@ def _plan_nvme_states(chunks: list[Chunk], dtype: torch.dtype, host_budget: int 
     order while they fit."""
     elem = torch.empty((), dtype=dtype).element_size()
     params = sum(c.used * elem for c in chunks)
-    states = [(c, _state_bytes(c, dtype)) for c in chunks if c.trainable]
+    states = [(c, c.state_bytes()) for c in chunks if c.trainable]
     # Room for the fp32 gradient accumulation buffers (allocated on demand): fp32 gradients
     # always gather there; bf16/fp16 ones with gradient accumulation, which is how models
     # large enough for NVMe are trained, so that room is planned once states spill.
@@ -416,7 +412,7 @@ def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: 
         if id(chunk) in on_nvme:
             nvme.place(chunk, master, None, None)
             continue
-        host_tier.reserve(_state_bytes(chunk, dtype), f"optimizer state of chunk {chunk.index}",
+        host_tier.reserve(chunk.state_bytes(), f"optimizer state of chunk {chunk.index}",
                           advice=advice)
         chunk.master = master
         chunk.exp_avg = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)

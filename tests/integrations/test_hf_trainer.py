@@ -9,7 +9,6 @@ Trainer checkpoint (holding an hm.save_checkpoint) continues exactly as the unin
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from pathlib import Path

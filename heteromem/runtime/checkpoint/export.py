@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 import torch
 
+from heteromem.runtime.checkpoint.layout import fsync_dir
 from heteromem.runtime.state_dict import _Masters, _slot_names
 
 # torch dtype -> safetensors dtype name (the spec's names; optional dtypes where torch has them).
@@ -88,7 +89,7 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _wrap_state(model: object):
@@ -152,17 +153,3 @@ def _entries(model: torch.nn.Module) -> OrderedDict[str, tuple]:
                       for name, slot in params)
     out.update(rest)
     return out
-
-
-def _fsync_dir(directory: str) -> None:
-    """Makes the rename durable (POSIX); where directories cannot be opened, nothing to do."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -19,7 +19,7 @@ import torch
 from heteromem.runtime.checkpoint import layout
 from heteromem.runtime.checkpoint.layout import CheckpointError
 from heteromem.runtime.checkpoint.save import _PENDING, _PENDING_LOCK, wait_checkpoint
-from heteromem.runtime.checkpoint.state import (DTYPES, FP32, check_optimizer, dtype_name,
+from heteromem.runtime.checkpoint.state import (DTYPES, check_optimizer, dtype_name,
                                                 set_rng_state, wrap_state)
 from heteromem.runtime.state_dict import _slot_names
 
@@ -156,25 +156,20 @@ def _apply(vdir: str, manifest: dict, pairs: list, state) -> None:
     cache: dict[int, dict] = {}
     for index in sorted(by_chunk):
         chunk = manager.chunks[index]
-        if chunk.states_on_device:
-            dst = dict(params=chunk.device_view(), master=chunk.master, exp_avg=chunk.exp_avg,
-                       exp_avg_sq=chunk.exp_avg_sq)
-        else:
-            dst = dict(params=chunk.host[:chunk.used])
-            if chunk.trainable:
-                states = (manager.nvme.load(chunk) if chunk.nvme is not None
-                          else (chunk.master, chunk.exp_avg, chunk.exp_avg_sq))
-                dst.update(master=states[0], exp_avg=states[1], exp_avg_sq=states[2])
+        # Every tensor holding this chunk's values now; unlike the file's regions, a master
+        # kept apart from the parameters (on the device, on NVMe) in fp32 too.
+        dst = {"params": manager.values(chunk)}
+        if chunk.trainable:
+            dst.update(zip(("master", "exp_avg", "exp_avg_sq"), manager.states(chunk)))
+            if dst["master"].data_ptr() == dst["params"].data_ptr():
+                del dst["master"]  # fp32 on the host: the parameters are the master
         for entry, slot in by_chunk[index]:
             if entry["chunk"] not in cache:
                 cache = {entry["chunk"]: _read_chunk(vdir, saved_chunks[entry["chunk"]])}
             src = cache[entry["chunk"]]
             have = slice(entry["offset"], entry["offset"] + entry["numel"])
-            names = ["params"] + (["master", "exp_avg", "exp_avg_sq"] if slot.trainable else [])
-            for name in names:
-                if name == "master" and dst["master"] is dst["params"]:
-                    continue
-                dst[name][slot.range].copy_(src[name][have])
+            for name, tensor in dst.items():
+                tensor[slot.range].copy_(src[name][have])
             slot.step = entry["step"]
         if chunk.nvme is not None:
             manager.nvme.store(chunk)

@@ -55,17 +55,9 @@ def regions(chunk: Chunk) -> list[tuple[str, torch.dtype]]:
 def live_tensors(manager, chunk: Chunk) -> dict[str, torch.Tensor]:
     """The tensors holding each region now. NVMe states are read into staging slot 0: the
     views stay valid until that slot is used again."""
-    used = chunk.used
-    if chunk.states_on_device:
-        # The device has the current parameters and states; the host copy is not kept.
-        out = {"params": chunk.device_view()}
-        states = (chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
-    else:
-        out = {"params": chunk.host[:used]}
-        states = (manager.nvme.load(chunk) if chunk.nvme is not None
-                  else (chunk.master, chunk.exp_avg, chunk.exp_avg_sq))
+    out = {"params": manager.values(chunk)}
     if chunk.trainable:
-        out.update(master=states[0], exp_avg=states[1], exp_avg_sq=states[2])
+        out.update(zip(("master", "exp_avg", "exp_avg_sq"), manager.states(chunk)))
     return {name: out[name] for name, _ in regions(chunk)}
 
 
