@@ -23,7 +23,7 @@ Targets (issue: checkpoints), for a state of at least 1 GB: blocking save >= 0.8
 the sequential write (extra_info save_over_sequential_write), and a flash save blocks for
 <= 0.2x a blocking save (flash_block_over_blocking_save).
 
-Files go under $HETEROMEM_BENCH_DIR (default build/bench-checkpoint in the repository): point
+Files go under $HETEROMEM_BENCH_DIR (default build/bench in the repository): point
 it at the drive you care about; they are deleted after each round and the folder at the end.
 """
 
@@ -41,7 +41,7 @@ import torch
 
 import heteromem as hm
 from heteromem.runtime.checkpoint import save as ckpt_save
-from conftest import ROOT, filesystem_of, quick_mode, run_dd, size_label
+from conftest import filesystem_of, quick_mode, run_dd, scratch_dir, size_label
 
 MiB = 1 << 20
 CASES = ["sequential-write", "dd", "blocking-save", "flash-save"]
@@ -52,10 +52,8 @@ RESULTS: dict[int, dict[str, float]] = {}
 
 @pytest.fixture(scope="module")
 def bench_dir() -> Path:
-    base = Path(os.environ.get("HETEROMEM_BENCH_DIR", "") or ROOT / "build" / "bench-checkpoint")
-    path = base / f"bench-checkpoint-{os.getpid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    yield path.resolve()
+    path = scratch_dir("checkpoint")
+    yield path
     hm.wait_checkpoint()
     shutil.rmtree(path, ignore_errors=True)
 

@@ -5,7 +5,7 @@ the same run, on the same file.
     .venv/bin/python bench/summarize.py /tmp/bench_nvme.json
     HETEROMEM_BENCH_QUICK=1 .venv/bin/pytest bench/bench_nvme.py --benchmark-disable -q   # smoke
 
-Files go under $HETEROMEM_BENCH_DIR (default build/bench-io in the repository): point it at the
+Files go under $HETEROMEM_BENCH_DIR (default build/bench in the repository): point it at the
 drive you care about. Chunks of 64 MiB, 256 MiB and 1 GiB (quick mode: 4 MiB); groups
 "nvme-write <size>" and "nvme-read <size>", rows run back to back in this order:
   dd             baseline: coreutils dd, bs = the engine's block, oflag=direct conv=fsync
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, filesystem_of, quick_mode, run_dd
+from conftest import filesystem_of, quick_mode, run_dd, scratch_dir
 from heteromem.io import IoEngine, aligned_empty
 from heteromem.io.engine import native_unavailable_reason
 
@@ -49,10 +49,8 @@ def size_label(nbytes: int) -> str:
 
 @pytest.fixture(scope="module")
 def bench_dir() -> Path:
-    base = Path(os.environ.get("HETEROMEM_BENCH_DIR", "") or ROOT / "build" / "bench-io")
-    path = base / f"bench-nvme-{os.getpid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    yield path.resolve()
+    path = scratch_dir("nvme")
+    yield path
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -11,31 +11,33 @@ each `opt.step()` reads every chunk's fp32 master + moments from its file, updat
 the same queue depth (one request per staging slot in flight): all reads, then all writes.
 Target (issue: NVMe tier): step time <= 1.3x that pure I/O time.
 
-Files go under $HETEROMEM_BENCH_DIR (default build/bench-nvme in the repository): it should be
+Files go under $HETEROMEM_BENCH_DIR (default build/bench in the repository): it should be
 on the drive you care about. extra_info records whether the files were opened with O_DIRECT
 (on tmpfs they are not, and the figures then measure memory, not a disk).
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import statistics
 import time
-from pathlib import Path
 
+import pytest
 import torch
 
 import heteromem as hm
 from heteromem.memory.nvme import STATES
-from conftest import ROOT, quick_mode
+from conftest import quick_mode, scratch_dir
 
 WIDTH = 1024
 
 
-def _bench_dir() -> str:
-    path = Path(os.environ.get("HETEROMEM_BENCH_DIR", "") or ROOT / "build" / "bench-nvme")
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+@pytest.fixture(scope="module")
+def folder():
+    """Where the wrapped model's state files go (wrap makes and removes its own subfolder)."""
+    path = scratch_dir("nvme-step")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _pure_io_seconds(nvme, chunks) -> float:
@@ -62,7 +64,7 @@ def _pure_io_seconds(nvme, chunks) -> float:
     return total
 
 
-def test_nvme_step(benchmark, numel, size_tag):
+def test_nvme_step(benchmark, numel, size_tag, folder):
     benchmark.group = f"nvme-step-{size_tag}"
     # Quick mode: 16 tiny layers, so the states still outweigh the staging pool.
     width = WIDTH if not quick_mode() else 64
@@ -76,7 +78,7 @@ def test_nvme_step(benchmark, numel, size_tag):
     model, opt = hm.wrap(model, lr=1e-4, device="cpu", dtype=torch.bfloat16,
                          chunk_mb=slab / 2**20, device_memory=3 * slab,
                          host_memory=n * (2 + 4) + staging + 64 * layers * 6,
-                         nvme_dir=_bench_dir(), nvme_staging=staging)
+                         nvme_dir=str(folder), nvme_staging=staging)
     nvme = model._heteromem.manager.nvme
     chunks = [c for c in model._heteromem.manager.chunks if c.nvme is not None]
     assert chunks and all(c.nvme is not None for c in model._heteromem.manager.chunks)
@@ -103,4 +105,4 @@ def test_nvme_step(benchmark, numel, size_tag):
         pure_io_gb_per_s=moved / io_median / 1e9,
         step_gb_per_s=moved / step_median / 1e9 if step_median else None,
         step_over_pure_io=step_median / io_median if io_median else None,
-        target_step_over_pure_io=1.3, directory=_bench_dir()))
+        target_step_over_pure_io=1.3, directory=str(folder)))

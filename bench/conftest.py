@@ -7,6 +7,7 @@ Environment:
     HETEROMEM_BENCH_QUICK  "1": one tiny size (100_000) so CI can smoke-run every bench file
                            with `--benchmark-disable` in seconds; timings from it mean nothing.
     HETEROMEM_BENCH_SECONDS about how long each timed case runs (bench_adam.py; default 2).
+    HETEROMEM_BENCH_DIR    where the disk benches write (default build/bench; see scratch_dir).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def bench_sizes() -> list[int]:
                                     "integer; give parameter counts like 10000000,100000000")
         sizes.append(size)
     return sizes
+
+
+def scratch_dir(name: str) -> Path:
+    """A fresh folder for a bench file's files: $HETEROMEM_BENCH_DIR (default build/bench in
+    the repository; point it at the drive you want measured) / <name>-<pid>."""
+    base = Path(os.environ.get("HETEROMEM_BENCH_DIR", "") or ROOT / "build" / "bench")
+    path = base / f"{name}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
 
 
 def run_dd(args: list[str]) -> float:
