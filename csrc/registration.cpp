@@ -12,6 +12,13 @@ TORCH_LIBRARY(heteromem, m) {
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, *, "
       "int step, float lr, float beta1, float beta2, float eps, float weight_decay, bool adamw, "
       "float grad_scale, Tensor(d!)? param_lowp) -> ()");
+  // Fused attention over (batch, heads, seq, head_dim); k/v heads divide q heads (GQA); causal
+  // is aligned bottom-right. Returns the output and the row log-sum-exp (float32, (batch, heads,
+  // seq_q)) that attention_bwd needs. See heteromem/ops/attention.py.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
   // How this binary was built and which CPU path it uses: "key=value" lines.
   m.def("build_info() -> str", &heteromem::build_info_text);
 }

@@ -5,5 +5,6 @@ kernel is unavailable, and says so once.
 """
 
 from heteromem.ops.adam import adam_step_
+from heteromem.ops.attention import attention
 
-__all__ = ["adam_step_"]
+__all__ = ["adam_step_", "attention"]

@@ -1,0 +1,86 @@
+// Tile shapes of the attention kernels, per head-dim bucket, as compile-time constants.
+//
+// Forward (FlashAttention-2 shapes): a CTA of 4 warps owns kBlockM query rows, 32 per warp, and
+// walks the key/value blocks of kBlockN rows. hdim 128 uses kBlockN = 64 and hdim 64 uses 128, so
+// that the per-thread registers (scores 2*kBlockN/8*4 + output 2*kHeadDim/8*4 floats) stay near
+// 192 and two CTAs fit per SM.
+//
+// Backward: a CTA of 8 warps owns kBlockN = 128 keys, 16 per warp, and walks the query blocks of
+// kBlockM rows. Each warp computes S^T = K Q^T for its 16 keys, so P^T and dS^T come out of the
+// score accumulators already in the A-operand layout of dV += P^T dO and dK += dS^T Q (no
+// round trip through shared memory for those two products). Registers per thread: dK and dV
+// (2 * kHeadDim/8*4) + S^T and dP^T (2 * kBlockM/8*4) = 192 floats for both buckets.
+#pragma once
+
+namespace heteromem {
+namespace attention {
+
+template <int kHeadDim>
+struct FwdTraits;
+
+template <>
+struct FwdTraits<64> {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+};
+
+template <>
+struct FwdTraits<128> {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 64;
+};
+
+template <int kHeadDim>
+struct FwdConfig : FwdTraits<kHeadDim> {
+  using Base = FwdTraits<kHeadDim>;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = Base::kBlockM / kWarps;  // query rows per warp
+  static constexpr int kMTiles = kWarpRows / 16;            // m16 tiles per warp
+  static constexpr int kNTiles = Base::kBlockN / 8;         // n8 tiles of scores per block
+  static constexpr int kDTiles = kHeadDim / 8;              // n8 tiles of the output
+  // Q stays resident; one K and one V tile: V(j) loads while S = Q K(j)^T is computed, K(j-1)
+  // while O += P V(j) is, so a single buffer of each hides the copies.
+  static constexpr int kSmemElems = (Base::kBlockM + 2 * Base::kBlockN) * kHeadDim;
+  static_assert(kWarpRows % 16 == 0 && Base::kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tile");
+};
+
+template <int kHeadDim>
+struct BwdTraits;
+
+template <>
+struct BwdTraits<64> {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+};
+
+template <>
+struct BwdTraits<128> {
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 128;
+};
+
+template <int kHeadDim>
+struct BwdConfig : BwdTraits<kHeadDim> {
+  using Base = BwdTraits<kHeadDim>;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kQTiles = Base::kBlockM / 8;  // n8 tiles of S^T (queries) per warp
+  static constexpr int kDTiles = kHeadDim / 8;       // n8 tiles of dK / dV per warp
+  // dQ = dS K over the kBlockM x kHeadDim tile: warps in a (kDqWarpsM x kDqWarpsN) grid, each
+  // 16 query rows by kDqCols head-dim columns.
+  static constexpr int kDqWarpsM = Base::kBlockM / 16;
+  static constexpr int kDqWarpsN = kWarps / kDqWarpsM;
+  static constexpr int kDqCols = kHeadDim / kDqWarpsN;
+  // K and V resident; Q, dO (and their lse / dsum rows) double-buffered; dS^T staged for dQ.
+  static constexpr int kSmemElems = 2 * Base::kBlockN * kHeadDim          // K, V
+                                    + 2 * 2 * Base::kBlockM * kHeadDim    // Q, dO x 2
+                                    + Base::kBlockN * Base::kBlockM;      // dS^T
+  static constexpr int kSmemFloats = 2 * 2 * Base::kBlockM;              // lse, dsum x 2
+  static_assert(Base::kBlockN == 16 * kWarps, "each warp owns 16 keys");
+  static_assert(kDqWarpsM * kDqWarpsN == kWarps && kDqCols % 16 == 0, "dQ warp grid");
+  static_assert(2 * Base::kBlockM <= kThreads, "one thread per lse / dsum row");
+};
+
+}  // namespace attention
+}  // namespace heteromem
