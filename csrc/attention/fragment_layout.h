@@ -47,7 +47,6 @@ struct SwizzledLane {
   uint32_t base[4];
 
   HM_HOST_DEVICE SwizzledLane(uint32_t tile_addr, int row, int col) {
-#pragma unroll
     for (int j = 0; j < 4; ++j) {
       base[j] = tile_addr + kElemBytes * static_cast<uint32_t>(swizzle<kCols>(row, col + 16 * j));
     }
