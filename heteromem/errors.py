@@ -25,3 +25,7 @@ def format_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+class DistributedError(RuntimeError):
+    """A collective of a sharded model failed: another rank died, raised, or timed out."""

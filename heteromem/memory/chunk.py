@@ -71,6 +71,13 @@ class ParamSlot:
     group: int = 0           # optimizer param group index
     step: int = 0            # optimizer steps applied to this parameter
     grad_loc: str | None = None
+    # Sharded: some of this step's gradient was already reduce-scattered into the owners'
+    # `Chunk.grad_shard` (grad_loc then says where any further local part is).
+    reduced: bool = False
+
+    @property
+    def has_grad(self) -> bool:
+        return self.grad_loc is not None or self.reduced
 
     @property
     def range(self) -> slice:
@@ -105,6 +112,22 @@ class Chunk:
     load_event: object = None    # CUDA event of the copy that filled the device copy
     d2h_event: object = None     # CUDA event of the copy that filled the host buffer
     update: Future | None = None  # optimizer update in flight
+    # Sharded over `world` ranks: this rank's host buffers (host, master, moments) hold only
+    # elements [shard_lo, shard_hi) of the chunk, and its reduced gradient is `grad_shard`.
+    world: int = 1
+    shard_lo: int = 0
+    shard_hi: int | None = None
+    grad_shard: torch.Tensor | None = None
+
+    @property
+    def host_len(self) -> int:
+        """Elements of this rank's host buffers: the whole chunk, or its shard."""
+        return self.used if self.shard_hi is None else self.shard_hi - self.shard_lo
+
+    @property
+    def host_capacity(self) -> int:
+        """Elements a host (or NVMe) state buffer of a chunk of this capacity holds."""
+        return self.capacity // self.world
 
     def move_device(self, new: DeviceState) -> None:
         if new not in DEVICE_TRANSITIONS[self.device_state]:
@@ -131,12 +154,12 @@ class Chunk:
         exp_avg_sq, the master being the parameter buffer itself in fp32 (0 when frozen)."""
         if not self.trainable:
             return 0
-        return self.used * (8 if self.dtype == torch.float32 else 12)
+        return self.host_len * (8 if self.dtype == torch.float32 else 12)
 
     def host_bytes(self) -> int:
         """Host bytes this chunk holds (parameters, and fp32 states when trainable)."""
         total = self.host.numel() * self.host.element_size() if self.host is not None else 0
-        for t in (self.exp_avg, self.exp_avg_sq, self.acc):
+        for t in (self.exp_avg, self.exp_avg_sq, self.acc, self.grad_shard):
             total += t.numel() * 4 if t is not None else 0
         if self.master is not None and self.master is not self.host:
             total += self.master.numel() * 4

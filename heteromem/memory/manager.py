@@ -46,6 +46,10 @@ class ChunkManager:
         self._nvme: NvmeTier | None = None
         # Most chunks (not kept on the device) pinned at once so far: what paging needs.
         self.peak_pinned = 0
+        # Sharded models gather chunks with collectives, which every rank must issue in the
+        # same order: then no paging decision may depend on timing (whether a copy or an
+        # update has finished yet), only on the sequence of acquires, which ranks share.
+        self.deterministic = False
 
     @property
     def nvme(self) -> NvmeTier | None:
@@ -170,7 +174,7 @@ class ChunkManager:
         best, best_key = None, (True, -1.0)
         for c in self.chunks:
             if c.device_state is DeviceState.LOADING and c.pins == 0:
-                self._settle(c, block=False)
+                self._settle(c, block=self.deterministic)
             if (c is exclude or c.pins > 0 or c.keep_on_device or not c.allocated
                     or c.device_state is DeviceState.LOADING):
                 continue
@@ -215,6 +219,8 @@ class ChunkManager:
             chunk = self.chunks[index]
             if chunk.resident and not chunk.device_stale:
                 continue
+            if chunk.update is not None and self.deterministic:
+                self._wait_update(chunk)  # whether it is done yet must not decide anything
             if chunk.update is not None and not chunk.update.done():
                 return  # its optimizer update is still running; prefetch it later
             if chunk.host_state is not HostState.PARAMS:
@@ -346,7 +352,7 @@ class ChunkManager:
     def restore_host(self, chunk: Chunk) -> None:
         """The host buffer gets its parameter values back from the fp32 master (after it
         held gradients, or an update that was undone)."""
-        chunk.host[: chunk.used].copy_(self.states(chunk)[0])
+        chunk.host[: chunk.host_len].copy_(self.states(chunk)[0])
 
     def states(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A trainable chunk's fp32 master, exp_avg and exp_avg_sq where they live now (host or
@@ -360,7 +366,19 @@ class ChunkManager:
     def values(chunk: Chunk) -> torch.Tensor:
         """The chunk's current parameter values in the compute dtype: the device copy when its
         optimizer state lives there (the host copy is not kept then), else the host buffer."""
-        return chunk.device_view() if chunk.states_on_device else chunk.host[: chunk.used]
+        return chunk.device_view() if chunk.states_on_device else chunk.host[: chunk.host_len]
+
+    def grad_ranges(self, chunk: Chunk) -> list[tuple[ParamSlot, slice]]:
+        """(slot, range in the gradient source and state buffers) of each slot with a
+        gradient (sharded models: the part of it this rank owns)."""
+        return [(s, s.range) for s in chunk.slots if s.grad_loc in ("host", "acc", "device")]
+
+    def sum_over_ranks(self, value: float) -> float:
+        """`value` summed over the ranks a model is sharded over (itself on one rank)."""
+        return value
+
+    # Gradients are divided by this before the update (the number of ranks summed).
+    grad_divisor = 1
 
     def grads_home(self) -> None:
         """Waits for every gradient copy to the host (before norms and updates)."""

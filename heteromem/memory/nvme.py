@@ -114,7 +114,7 @@ class NvmeTier:
     def place(self, chunk: Chunk, master: torch.Tensor, exp_avg: torch.Tensor | None,
               exp_avg_sq: torch.Tensor | None) -> None:
         """Gives `chunk` a file and writes the given states (None: zeros) as its current copy."""
-        nbytes = file_bytes(chunk.capacity)
+        nbytes = file_bytes(chunk.host_capacity)
         self.tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}", advice=(
             "free space under nvme_dir, or raise host_memory so fewer states go to NVMe"))
         try:
@@ -125,7 +125,7 @@ class NvmeTier:
             chunk.nvme = NvmeStates(f)
             self.reserve_staging()
             slot = self.slots[0]
-            for dst, src in zip(slot.states(chunk.used), (master, exp_avg, exp_avg_sq)):
+            for dst, src in zip(slot.states(chunk.host_len), (master, exp_avg, exp_avg_sq)):
                 if src is None:
                     dst.zero_()
                 else:
@@ -146,7 +146,7 @@ class NvmeTier:
             os.unlink(states.file.path)
         except FileNotFoundError:
             pass
-        self.tier.release(file_bytes(chunk.capacity))
+        self.tier.release(file_bytes(chunk.host_capacity))
 
     # ------------------------------------------------------------------ reading and writing
 
@@ -182,7 +182,7 @@ class NvmeTier:
         self.reserve_staging()
         slot = self.slots[slot_index]
         self._wait(self._submit_read(chunk, slot))
-        return slot.states(chunk.used)
+        return slot.states(chunk.host_len)
 
     def store(self, chunk: Chunk, slot_index: int = 0) -> None:
         """Writes staging slot `slot_index` (filled by `load` and changed) as the chunk's new

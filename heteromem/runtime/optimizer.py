@@ -93,8 +93,10 @@ class HeteroAdam(torch.optim.Optimizer):
         # The global norm is one more pass over every gradient, on the critical path before
         # the first update: taken only when clipping or loss scaling needs it.
         norm = None
+        # Sharded models sum gradients over ranks; the update uses their mean.
+        divisor = loss_scale * manager.grad_divisor
         if self.max_grad_norm is not None or self.scaler is not None:
-            norm = self._global_norm(chunks, sources) / loss_scale if chunks else 0.0
+            norm = self._global_norm(chunks, sources) / divisor
         self.last_grad_norm = norm
         found_inf = self.scaler is not None and not math.isfinite(norm)
         if found_inf:
@@ -103,11 +105,11 @@ class HeteroAdam(torch.optim.Optimizer):
             for chunk in chunks:
                 self._discard(chunk)
             return loss
-        grad_scale = loss_scale
+        grad_scale = divisor
         if self.max_grad_norm is not None and math.isfinite(norm):
             # As torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
             # (A non-finite norm is not clipped: the update propagates inf/nan as torch would.)
-            grad_scale = loss_scale / min(1.0, self.max_grad_norm / (norm + 1e-6))
+            grad_scale = divisor / min(1.0, self.max_grad_norm / (norm + 1e-6))
         order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
         chunks.sort(key=lambda c: order.get(c.index, len(order) + c.index))
         runs = {id(c): self._runs(c) for c in chunks}
@@ -124,9 +126,9 @@ class HeteroAdam(torch.optim.Optimizer):
             self.scaler.update(False)
         for chunk in chunks:
             for slot in chunk.slots:
-                if slot.grad_loc is not None and slot.group >= 0:
+                if slot.has_grad and slot.group >= 0:
                     slot.step += 1
-                slot.grad_loc = None
+                slot.grad_loc, slot.reduced = None, False
         for chunk in on_nvme:
             self._finish(chunk, sources[id(chunk)])
         for chunk in chunks:
@@ -175,7 +177,7 @@ class HeteroAdam(torch.optim.Optimizer):
         return [c for c in self.manager.chunks if c.trainable]
 
     def _discard(self, chunk: Chunk) -> None:
-        if chunk.update is not None and all(s.grad_loc is None for s in chunk.slots):
+        if chunk.update is not None and not any(s.has_grad for s in chunk.slots):
             # The update in flight consumed this chunk's gradients and finishes the chunk
             # itself (`_finish`); none came since, because a new gradient first waits for the
             # update. Nothing to discard, and waiting here would serialise every update with
@@ -185,35 +187,40 @@ class HeteroAdam(torch.optim.Optimizer):
         if chunk.states_on_device:
             self.manager.restore_device_values(chunk)
         for slot in chunk.slots:
-            slot.grad_loc = None
+            slot.grad_loc, slot.reduced = None, False
         if chunk.acc is not None:
             chunk.acc.zero_()
+        if chunk.grad_shard is not None:
+            chunk.grad_shard.zero_()
         if chunk.host_state is HostState.GRADS:
             self.manager.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
 
     def _global_norm(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float:
         """sqrt of the sum of squared per-parameter norms, as clip_grad_norm_ computes it;
-        summed per device so there is one synchronisation per device, not per parameter."""
+        summed per device so there is one synchronisation per device, not per parameter
+        (and, sharded, one sum over the ranks of their parts)."""
         squares: dict[torch.device, list[torch.Tensor]] = {}
         for chunk in chunks:
             source = sources[id(chunk)]
-            for slot in chunk.slots:
-                if slot.grad_loc in ("host", "acc", "device"):
-                    norm = torch.linalg.vector_norm(source[slot.range], dtype=torch.float32)
-                    squares.setdefault(norm.device, []).append(norm.double() ** 2)
-        return math.sqrt(sum(torch.stack(v).sum().item() for v in squares.values()))
+            for _, sl in self.manager.grad_ranges(chunk):
+                norm = torch.linalg.vector_norm(source[sl], dtype=torch.float32)
+                squares.setdefault(norm.device, []).append(norm.double() ** 2)
+        total = sum(torch.stack(v).sum().item() for v in squares.values())
+        return math.sqrt(self.manager.sum_over_ranks(total))
 
     def _runs(self, chunk: Chunk) -> list[_Run]:
         """The fused calls updating the slots that have a gradient (steps are counted once
         the update is committed, in `step`)."""
-        runs: list[_Run] = []
+        runs: list[_Run | None] = []
+        ranges = {id(slot): sl for slot, sl in self.manager.grad_ranges(chunk)}
         for slot in chunk.slots:
-            if slot.grad_loc not in ("host", "acc", "device") or slot.group < 0:
-                runs.append(None)
+            sl = ranges.get(id(slot))
+            if sl is None or slot.group < 0:
+                runs.append(None)  # nothing to update here: the next run starts anew
                 continue
             group = self.param_groups[slot.group]
-            run = _Run(slot.offset, slot.offset + slot.numel, slot.step + 1, float(group["lr"]),
+            run = _Run(sl.start, sl.stop, slot.step + 1, float(group["lr"]),
                        tuple(float(b) for b in group["betas"]), float(group["eps"]),
                        float(group["weight_decay"]))
             last = runs[-1] if runs else None
@@ -247,8 +254,8 @@ class HeteroAdam(torch.optim.Optimizer):
                 target[sl].copy_(master[sl])
 
     def _finish(self, chunk: Chunk, source: torch.Tensor) -> None:
-        if source is chunk.acc:
-            chunk.acc.zero_()
+        if source is chunk.acc or source is chunk.grad_shard:
+            source.zero_()
         if chunk.states_on_device:
             if chunk.device_state is DeviceState.MIXED:
                 chunk.move_device(DeviceState.PARAMS)

@@ -34,6 +34,12 @@ class Report:
     details: dict[str, int] = field(default_factory=dict)
     # Per-tier bytes, stalls and phases over the latest iteration (see MemoryTimeline).
     timeline: MemoryTimeline | None = None
+    # Sharded over ranks: this rank, how many, and the bytes its collectives sent and
+    # received (ring-equivalent: (N-1)/N of each gathered or reduced chunk).
+    rank: int = 0
+    world_size: int = 1
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     def __str__(self) -> str:
         lines = [f"{'tier':<8}{'budget':>14}{'current':>14}{'peak':>14}"]
@@ -47,6 +53,10 @@ class Report:
         lines.append(f"moved: host->device {format_bytes(self.bytes_h2d)}, "
                      f"device->host {format_bytes(self.bytes_d2h)}; "
                      f"stalled {self.stall_seconds:.3f} s waiting for copies/updates")
+        if self.world_size > 1:
+            lines.append(f"rank {self.rank} of {self.world_size}: sent "
+                         f"{format_bytes(self.bytes_sent)}, received "
+                         f"{format_bytes(self.bytes_received)} in collectives")
         for key, value in self.details.items():
             lines.append(f"{key}: {format_bytes(value)}")
         return "\n".join(lines)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 
+from heteromem.distributed.shard import owned_part
 from heteromem.memory.chunk import HostState
 
 
@@ -23,15 +24,27 @@ def _slot_names(model: torch.nn.Module) -> dict[str, object]:
 
 
 class _Masters:
-    """fp32 masters of trainable chunks, read from NVMe when they live there (one chunk's
-    at a time: the view is into a staging buffer that the next read reuses)."""
+    """A chunk's full values, indexable by `slot.range`: the fp32 master of a trainable chunk
+    (read from NVMe when it lives there), the host copy of a frozen one. One chunk's at a
+    time: an NVMe view is into a staging buffer that the next read reuses. Sharded over
+    ranks, each chunk is gathered from every rank's part (a collective: every rank must
+    read the same chunks in the same order), so one chunk is held in full at a time."""
 
     def __init__(self, manager) -> None:
         self.manager, self.chunk, self.master = manager, None, None
 
     def get(self, chunk) -> torch.Tensor:
         if chunk is not self.chunk:
-            self.chunk, self.master = chunk, self.manager.states(chunk)[0]
+            mine = self.manager.states(chunk)[0] if chunk.trainable else chunk.host
+            comm = getattr(self.manager, "comm", None)
+            self.chunk = chunk
+            self.master = None  # drop the previous chunk first
+            if comm is None:
+                self.master = mine
+            else:
+                full = torch.empty(chunk.used, dtype=mine.dtype)
+                comm.gather_host(full, mine[: chunk.host_len], f"gathering chunk {chunk.index}")
+                self.master = full
         return self.master
 
 
@@ -47,8 +60,7 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
         for name, slot in sorted(_slot_names(self).items(), key=lambda kv: kv[1].chunk.index):
             key = prefix + name
             if key in out:
-                chunk = slot.chunk
-                source = masters.get(chunk) if chunk.trainable else chunk.host
+                source = masters.get(slot.chunk)
                 out[key] = source[slot.range].view(slot.shape).to("cpu", slot.orig_dtype, copy=True)
         return out
 
@@ -82,12 +94,16 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
                 # as a new copy (the old one stays valid until the write succeeded).
                 master = state.manager.states(chunk)[0]
                 for slot, value in items:
-                    value = value.reshape(-1).to("cpu")
+                    part = owned_part(chunk, slot)
+                    if part is None:  # sharded: another rank owns all of this parameter
+                        continue
+                    mine, theirs = part
+                    value = value.reshape(-1)[theirs].to("cpu")
                     if chunk.trainable and master is not chunk.host:
-                        master[slot.range].copy_(value)
-                        chunk.host[slot.range].copy_(master[slot.range])
+                        master[mine].copy_(value)
+                        chunk.host[mine].copy_(master[mine])
                     else:
-                        chunk.host[slot.range].copy_(value)
+                        chunk.host[mine].copy_(value)
                     if chunk.states_on_device:
                         chunk.device_view()[slot.range].copy_(master[slot.range])
                 if chunk.nvme is not None:

@@ -9,6 +9,9 @@ from typing import Iterable
 
 import torch
 
+from heteromem.distributed import shard as sharding
+from heteromem.distributed.comm import ShardGroup, resolve_group
+from heteromem.distributed.manager import ShardedChunkManager
 from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.layout import pack
@@ -112,9 +115,10 @@ class WrapState:
     """What `hm.wrap` attaches to the model (as `model._heteromem`)."""
 
     def __init__(self, manager: ChunkManager, hooks: Hooks, optimizer: HeteroAdam | None,
-                 slots: list[ParamSlot], buffer_bytes: int) -> None:
+                 slots: list[ParamSlot], buffer_bytes: int, comm: ShardGroup | None = None) -> None:
         self.manager, self.hooks, self.optimizer, self.slots = manager, hooks, optimizer, slots
         self.buffer_bytes = buffer_bytes
+        self.comm = comm  # sharded over ranks when set
 
     def synchronize(self) -> None:
         self.manager.wait_updates()
@@ -124,6 +128,11 @@ class WrapState:
         then move as many chunks' optimizer state to the device as the budget allows. Returns
         False to be asked again at the next boundary (gradients were pending: gradient
         accumulation across the boundary)."""
+        if self.comm is not None:
+            # NOTE: sharded, a re-pack would move values between ranks' parts and a chunk's
+            # state onto the device would be one rank's part only: both are left out; the
+            # chunks keep the order wrap packed them in and their states stay on the host.
+            return True
         if not can_repack(self.manager):
             return False
         # NOTE: with optimizer states on NVMe the chunks keep the order wrap packed them in:
@@ -169,8 +178,12 @@ class WrapState:
             details.update({"nvme staging pool (host)": m.nvme.staging_bytes if m.nvme.slots else 0,
                             "nvme read": m.nvme.bytes_read, "nvme written": m.nvme.bytes_written})
             stall += m.nvme.wait_seconds
+        comm = self.comm
         return Report(tiers=tiers, bytes_h2d=m.copies.bytes_h2d, bytes_d2h=m.copies.bytes_d2h,
                       stall_seconds=stall,
+                      rank=comm.rank if comm else 0, world_size=comm.world if comm else 1,
+                      bytes_sent=comm.bytes_sent if comm else 0,
+                      bytes_received=comm.bytes_received if comm else 0,
                       chunks=len(m.chunks), chunk_bytes=m.memory.slab_bytes,
                       resident_chunks=sum(1 for c in m.chunks if c.resident),
                       details=details,
@@ -182,7 +195,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          device: object = None, dtype: torch.dtype = torch.bfloat16, device_memory: object = None,
          host_memory: object = None, nvme_dir: object = None, chunk_mb: float | None = None,
          keep_on_device: Iterable[str] = (), max_grad_norm: float | None = None,
-         nvme_staging: object = None,
+         nvme_staging: object = None, process_group: object = None,
          **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
     """Wraps `model` so its training state lives in chunks paged between device and host.
 
@@ -191,6 +204,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     no trainable parameters. See DESIGN.md section 1 for every argument; `nvme_staging`
     (bytes or a size string) bounds the host buffers that stream states to and from
     `nvme_dir` (default: room for 4 chunks' states; at least 2).
+
+    When torch.distributed is initialised with more than one rank (or `process_group` is
+    given), every chunk is sharded over the ranks (ZeRO-3 style, see docs/distributed.md):
+    call `hm.wrap` on every rank with the same model and arguments; budgets are per rank.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hm.wrap: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -200,6 +217,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         raise ValueError(f"hm.wrap: dtype={dtype!r} is not supported; use torch.bfloat16, torch.float16 "
                          "or torch.float32")
     dev = _check_device(device)
+    group = resolve_group(process_group)
     device_budget = parse_size(device_memory, "device_memory")
     host_budget = parse_size(host_memory, "host_memory")
     staging_budget = parse_size(nvme_staging, "nvme_staging")
@@ -235,7 +253,20 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     largest = max((p.numel() for _, p in named), default=1)
     total = sum(p.numel() for _, p in named)
     capacity = chunk_capacity(total, largest, chunk_mb, elem)
+    comm = None
+    if group is not None:
+        comm = ShardGroup(group, dev)
+        capacity = sharding.shardable_capacity(capacity, comm.world)
     chunks = pack([(n, p, p.shape) for n, p in named], capacity, dtype, group_of)
+    if comm is not None:
+        sharding.shard_chunks(chunks, comm.rank, comm.world)
+        sharding.check_same_model(comm, chunks, dict(
+            dtype=str(dtype), device=dev.type, device_memory=device_budget,
+            host_memory=host_budget, nvme=nvme_dir is not None, chunk_mb=chunk_mb,
+            max_grad_norm=max_grad_norm, keep_on_device=sorted(keep_on_device),
+            groups=[{k: v for k, v in g.items() if k != "params"} for g in groups]))
+        if nvme_dir is not None:
+            nvme_dir = sharding.rank_dir(nvme_dir, comm.rank)
     slab_bytes = capacity * elem
 
     device_tier = Tier("device", device_budget)
@@ -248,27 +279,35 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         if own:
             slots_by_module[module] = own
     kept = {id(slot_of[id(p)].chunk) for n in keep_on_device for p in modules[n].parameters()}
-    _check_working_set(model, slots_by_module, len(kept), slab_bytes, device_budget)
+    # Sharded, reducing a chunk's gradients needs its fp32 sum and this rank's part on the
+    # device for a moment.
+    reduce_bytes = 0 if comm is None else (capacity + capacity // comm.world) * 4
+    _check_working_set(model, slots_by_module, len(kept), slab_bytes, device_budget,
+                       reduce_bytes)
 
-    staging_slots = _staging_slots(staging_budget, capacity)
+    host_capacity = capacity // (comm.world if comm else 1)
+    staging_slots = _staging_slots(staging_budget, host_capacity)
     on_nvme = _plan_nvme_states(chunks, dtype, host_budget,
-                                staging_bytes(capacity, staging_slots))
+                                staging_bytes(host_capacity, staging_slots))
     if on_nvme and nvme_dir is None:
         states = sum(c.state_bytes() for c in chunks)
-        raise OutOfMemory("host", sum(c.used * elem for c in chunks) + states, host_budget,
+        raise OutOfMemory("host", sum(c.host_len * elem for c in chunks) + states, host_budget,
                           "raise host_memory, or set nvme_dir so optimizer states that do not fit "
                           "go to NVMe", what="parameters and optimizer states")
     if on_nvme:
-        check_nvme_dir(nvme_dir, len(on_nvme) * file_bytes(capacity))
+        check_nvme_dir(nvme_dir, len(on_nvme) * file_bytes(host_capacity))
 
     buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
     nvme = None
     if nvme_dir is not None:
-        nvme = NvmeTier(os.fspath(nvme_dir), capacity, staging_slots, host_tier,
+        nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, staging_slots, host_tier,
                         pin=dev.type == "cuda", owner=model)
     _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
                  on_nvme=on_nvme)
-    manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
+    if comm is None:
+        manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
+    else:
+        manager = ShardedChunkManager(chunks, dev, device_tier, host_tier, slab_bytes, comm=comm)
     manager.nvme = nvme
     for slot in slots:
         slot.param.data = manager.placeholder(dtype)
@@ -290,7 +329,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         index_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         for s in trainable:
             s.group = index_of.get(id(s.param), -1)
-    state = WrapState(manager, hooks, opt, slots, buffer_bytes)
+    state = WrapState(manager, hooks, opt, slots, buffer_bytes, comm)
     hooks.on_first_use_order = state.first_iteration_done
     model._heteromem = state
     install_state_dict_methods(model, state)
@@ -298,7 +337,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
 
 def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunks: int,
-                       slab_bytes: int, budget: int | None) -> None:
+                       slab_bytes: int, budget: int | None, reduce_bytes: int = 0) -> None:
     """The chunks any module uses at once (its own and those of the ancestors whose forward is
     still running around it), plus the chunks kept resident, must fit the device budget."""
     if budget is None or not slots_by_module:
@@ -314,13 +353,15 @@ def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunk
             visit(child, chunks)
 
     visit(model, frozenset())
-    needed = (len(worst_chunks) + kept_chunks) * slab_bytes
+    needed = (len(worst_chunks) + kept_chunks) * slab_bytes + reduce_bytes
     if needed > budget:
         raise OutOfMemory(
             "device", needed, budget,
             f"module {type(worst).__name__} needs {len(worst_chunks)} chunk(s) of "
             f"{format_bytes(slab_bytes)} at once (its own and its enclosing modules')"
             + (f" plus {kept_chunks} kept on the device" if kept_chunks else "")
+            + (f" plus {format_bytes(reduce_bytes)} to reduce a chunk's gradients over the "
+               "ranks" if reduce_bytes else "")
             + "; raise device_memory, lower chunk_mb, or keep fewer modules on the device",
             what="the largest module's working set")
 
@@ -357,12 +398,12 @@ def _plan_nvme_states(chunks: list[Chunk], dtype: torch.dtype, host_budget: int 
     budget; else, after the parameters and the staging pool, states stay on the host in chunk
     order while they fit."""
     elem = torch.empty((), dtype=dtype).element_size()
-    params = sum(c.used * elem for c in chunks)
+    params = sum(c.host_len * elem for c in chunks)
     states = [(c, c.state_bytes()) for c in chunks if c.trainable]
     # Room for the fp32 gradient accumulation buffers (allocated on demand): fp32 gradients
     # always gather there; bf16/fp16 ones with gradient accumulation, which is how models
     # large enough for NVMe are trained, so that room is planned once states spill.
-    acc = sum(c.used * 4 for c in chunks if c.trainable)
+    acc = sum(c.host_len * 4 for c in chunks if c.trainable)
     if dtype == torch.float32:
         params += acc
     if host_budget is None or params + sum(b for _, b in states) <= host_budget:
@@ -387,26 +428,27 @@ def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: 
     advice = "raise host_memory" + ("" if nvme is not None else
                                     ", or set nvme_dir to keep optimizer states on NVMe")
     for chunk in chunks:
-        host_tier.reserve(chunk.used * elem, f"parameters of chunk {chunk.index}", advice=advice)
-        chunk.host = torch.zeros(chunk.used, dtype=dtype, pin_memory=pin)
+        host_tier.reserve(chunk.host_len * elem, f"parameters of chunk {chunk.index}",
+                          advice=advice)
+        chunk.host = torch.zeros(chunk.host_len, dtype=dtype, pin_memory=pin)
     if on_nvme:
         nvme.reserve_staging()
     for chunk in chunks:
         master = None
         if chunk.trainable:
             if id(chunk) in on_nvme or dtype != torch.float32:
-                master = torch.zeros(chunk.used, dtype=torch.float32,
+                master = torch.zeros(chunk.host_len, dtype=torch.float32,
                                      pin_memory=pin and id(chunk) not in on_nvme)
             else:
                 master = chunk.host
         with torch.no_grad():
-            for slot in chunk.slots:
-                data = slot.param.detach().reshape(-1)
+            for slot, mine, theirs in sharding.owned_ranges(chunk):
+                data = slot.param.detach().reshape(-1)[theirs]
                 if master is not None and master is not chunk.host:
-                    master[slot.range].copy_(data)
-                    chunk.host[slot.range].copy_(master[slot.range])
+                    master[mine].copy_(data)
+                    chunk.host[mine].copy_(master[mine])
                 else:
-                    chunk.host[slot.range].copy_(data)
+                    chunk.host[mine].copy_(data)
         if not chunk.trainable:
             continue
         if id(chunk) in on_nvme:
@@ -415,7 +457,5 @@ def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: 
         host_tier.reserve(chunk.state_bytes(), f"optimizer state of chunk {chunk.index}",
                           advice=advice)
         chunk.master = master
-        chunk.exp_avg = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
-        chunk.exp_avg_sq = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
-
-
+        chunk.exp_avg = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+        chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)

@@ -41,10 +41,30 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
     `transformers` expect. `metadata` (str -> str) goes into the header with
     `"format": "pt"`. Extra memory stays around one parameter: nothing is gathered. The file
     appears under `path` only complete (written next to it, fsynced, then renamed).
+
+    Sharded over ranks, every rank must call this (each chunk is gathered from the ranks'
+    parts, one chunk at a time, so no rank holds more than about one chunk extra) and rank 0
+    writes the file.
     """
     state = _wrap_state(model)
-    path = _check_path(path)
+    comm = state.comm
     meta = {"format": "pt", **_check_metadata(metadata)}
+    if comm is None:
+        path = _check_path(path)
+    else:
+        error = None
+        try:
+            path = _check_path(path) if comm.rank == 0 else None
+        except (TypeError, ValueError) as exc:
+            error = str(exc)
+            if comm.agree(error, "export_safetensors: checking the path"):
+                raise
+        error = comm.agree(error, "export_safetensors: checking the path")
+        if error is not None:
+            raise ValueError(f"export_safetensors: {error}")
+    if path is None:  # a rank other than 0: take part in the gathers, write nothing
+        _stream(state, _entries(model), None)
+        return
     state.synchronize()  # an optimizer update in flight would change masters while we read
     entries = _entries(model)
     header: dict[str, object] = {"__metadata__": meta}
@@ -65,22 +85,7 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
         with open(tmp, "xb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
-            masters = _Masters(state.manager)
-            written = 0
-            for name, (dtype, shape, source) in entries.items():
-                if isinstance(source, torch.Tensor):
-                    value = source.detach().to("cpu", dtype)
-                else:  # a slot: read from the chunk now, in order, so NVMe reads stay once each
-                    chunk = source.chunk
-                    flat = masters.get(chunk) if chunk.trainable else chunk.host
-                    value = flat[source.range].to("cpu", dtype)
-                data = value.contiguous().reshape(-1).view(torch.uint8)
-                if data.numel() != shape.numel() * dtype.itemsize:
-                    raise AssertionError(f"export_safetensors: {name!r} has {data.numel()} "
-                                         f"bytes, its header entry says otherwise")
-                f.write(data.numpy())
-                written += data.numel()
-                del value, data  # the next parameter may be large: drop this one first
+            written = _stream(state, entries, f)
             assert written == end
             f.flush()
             os.fsync(f.fileno())
@@ -90,6 +95,30 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path))
+
+
+def _stream(state, entries: OrderedDict, f) -> int:
+    """Writes every entry's bytes to `f` in order (None: only take part in the gathers);
+    returns the bytes written."""
+    masters = _Masters(state.manager)
+    written = 0
+    for name, (dtype, shape, source) in entries.items():
+        if isinstance(source, torch.Tensor):
+            if f is None:
+                continue
+            value = source.detach().to("cpu", dtype)
+        else:  # a slot: read from the chunk now, in order, so NVMe reads stay once each
+            value = masters.get(source.chunk)[source.range].to("cpu", dtype)
+            if f is None:
+                continue
+        data = value.contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != shape.numel() * dtype.itemsize:
+            raise AssertionError(f"export_safetensors: {name!r} has {data.numel()} "
+                                 f"bytes, its header entry says otherwise")
+        f.write(data.numpy())
+        written += data.numel()
+        del value, data  # the next parameter may be large: drop this one first
+    return written
 
 
 def _wrap_state(model: object):

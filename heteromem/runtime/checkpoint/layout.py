@@ -8,6 +8,12 @@
                                 dtype, then fp32 master, exp_avg, exp_avg_sq) back to back
         extra.pt                module buffers, RNG states, the caller's `extra`
 
+Sharded over N ranks, each rank writes its part of every chunk, `chunk-00000.rank00.bin`
+(the same regions, each over the rank's elements only), and its own `extra.rank00.pt`; rank 0
+writes the one manifest, which lists every chunk's parts (element range and file), after
+every rank's files are written. Any rank count can load it: each rank reads the element
+ranges it owns from whichever parts hold them.
+
 A save writes a hidden `.tmp-*` directory, fsyncs every file and the directory, renames it to
 its version name and only then replaces LATEST (write LATEST.tmp, fsync, rename, fsync the
 parent). A process killed at any moment leaves LATEST naming either the old or the new
@@ -29,7 +35,7 @@ except ImportError:  # pragma: no cover - xxhash is a dependency; this names the
     xxhash = None
 
 FORMAT = "heteromem-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunks list their parts ("shards"); version 1 is read too
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 EXTRA = "extra.pt"
@@ -49,8 +55,12 @@ def hasher():
     return xxhash.xxh3_64()
 
 
-def chunk_file(index: int) -> str:
-    return f"chunk-{index:05d}.bin"
+def chunk_file(index: int, rank: int | None = None) -> str:
+    return f"chunk-{index:05d}.bin" if rank is None else f"chunk-{index:05d}.rank{rank:02d}.bin"
+
+
+def extra_file(rank: int | None = None) -> str:
+    return EXTRA if rank is None else f"extra.rank{rank:02d}.pt"
 
 
 def check_root(path: str | os.PathLike, what: str) -> str:

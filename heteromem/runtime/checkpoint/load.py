@@ -6,6 +6,11 @@ xxh3 checksum. Only then are chunk files read again and copied into the chunks, 
 parameter, so a model wrapped with another chunk size or device budget loads the same state.
 A refused load raises `CheckpointError` (a ValueError) or FileNotFoundError and leaves the
 model and optimizer exactly as they were.
+
+Sharded over ranks, every rank calls `load_checkpoint`, checks the files it will read, and the
+ranks agree before any of them changes anything: all load, or all refuse with the first
+rank's reason. A checkpoint saved at any rank count loads at any other (N -> M, M = 1
+included): each rank reads the element ranges it owns from whichever saved parts hold them.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import os
 
 import torch
 
+from heteromem.distributed.shard import owned_part
 from heteromem.runtime.checkpoint import layout
 from heteromem.runtime.checkpoint.layout import CheckpointError
 from heteromem.runtime.checkpoint.save import _PENDING, _PENDING_LOCK, wait_checkpoint
 from heteromem.runtime.checkpoint.state import (DTYPES, check_optimizer, dtype_name,
-                                                set_rng_state, wrap_state)
+                                                region_offsets, set_rng_state, wrap_state)
 from heteromem.runtime.state_dict import _slot_names
 
 _SHOW = 5
@@ -50,12 +56,23 @@ def _read_manifest(root: str) -> tuple[str, dict]:
     manifest = json.loads(data)
     if manifest.get("format") != layout.FORMAT:
         raise _refuse(root, "is not a heteromem checkpoint", "pass a save_checkpoint directory")
+    if manifest.get("format_version") == 1:
+        _from_version_1(manifest)
     if manifest.get("format_version") != layout.FORMAT_VERSION:
         raise _refuse(root, f"has format version {manifest.get('format_version')!r}, this "
                       f"heteromem reads version {layout.FORMAT_VERSION}",
                       "load it with the heteromem version that wrote it "
                       f"({manifest.get('heteromem_version')})")
     return vdir, manifest
+
+
+def _from_version_1(manifest: dict) -> None:
+    """Version 1 (one file per chunk, no ranks) as a version 2 manifest of one part each."""
+    for chunk in manifest["chunks"]:
+        chunk["shards"] = [dict(file=chunk["file"], lo=0, hi=chunk["used"], bytes=chunk["bytes"])]
+        chunk["regions"] = [dict(name=r["name"], dtype=r["dtype"]) for r in chunk["regions"]]
+    manifest["world_size"] = 1
+    manifest["format_version"] = 2
 
 
 def _match(root: str, manifest: dict, model, state, optimizer) -> list[tuple[dict, object]]:
@@ -108,15 +125,43 @@ def _match(root: str, manifest: dict, model, state, optimizer) -> list[tuple[dic
     return pairs
 
 
-def _verify_files(root: str, vdir: str, manifest: dict) -> None:
+def _reads(manifest: dict, pairs: list) -> list[tuple]:
+    """What this rank reads: (saved chunk entry, saved part, element range in the saved
+    chunk, live slot, range in this rank's live buffers), for every part of every parameter
+    this rank owns."""
+    saved_chunks = {c["index"]: c for c in manifest["chunks"]}
+    out = []
+    for entry, slot in pairs:
+        part = owned_part(slot.chunk, slot)
+        if part is None:
+            continue
+        mine, theirs = part
+        saved = saved_chunks[entry["chunk"]]
+        start, stop = entry["offset"] + theirs.start, entry["offset"] + theirs.stop
+        for shard in saved["shards"]:
+            lo, hi = max(start, shard["lo"]), min(stop, shard["hi"])
+            if lo < hi:
+                at = mine.start + (lo - start)
+                out.append((saved, shard, lo, hi, slot, slice(at, at + hi - lo)))
+    return out
+
+
+def _verify_files(root: str, vdir: str, manifest: dict, names: set[str]) -> None:
+    """The manifest's parts are consistent with its files list; the files in `names` exist
+    with their recorded sizes and checksums."""
     files = manifest.get("files", {})
-    expected = {c["file"]: c["bytes"] for c in manifest["chunks"]}
-    for name, size in expected.items():
-        if name not in files or files[name]["bytes"] != size:
-            raise _refuse(root, f"its manifest is inconsistent about {name}", "use another checkpoint")
-    for name, info in files.items():
+    for chunk in manifest["chunks"]:
+        per_elem = sum(DTYPES[r["dtype"]].itemsize for r in chunk["regions"])
+        for shard in chunk["shards"]:
+            info = files.get(shard["file"])
+            if info is None or info["bytes"] != shard["bytes"] or \
+                    shard["bytes"] != (shard["hi"] - shard["lo"]) * per_elem:
+                raise _refuse(root, f"its manifest is inconsistent about {shard['file']}",
+                              "use another checkpoint")
+    for name in sorted(names):
+        info = files.get(name)
         path = os.path.join(vdir, name)
-        if not os.path.isfile(path):
+        if info is None or not os.path.isfile(path):
             raise FileNotFoundError(errno.ENOENT, f"load_checkpoint: {path} is missing; the "
                                     "checkpoint is incomplete. Nothing was loaded", path)
         size = os.path.getsize(path)
@@ -128,53 +173,63 @@ def _verify_files(root: str, vdir: str, manifest: dict) -> None:
                           "use another checkpoint")
 
 
-def _read_chunk(vdir: str, entry: dict) -> dict[str, torch.Tensor]:
-    raw = torch.empty(entry["bytes"], dtype=torch.uint8)
-    with open(os.path.join(vdir, entry["file"]), "rb", buffering=0) as f:
-        view = memoryview(raw.numpy())
+class _Parts:
+    """Reads element ranges of one region out of the saved parts (files kept open)."""
+
+    def __init__(self, vdir: str) -> None:
+        self.vdir, self.fds = vdir, {}
+
+    def read(self, saved: dict, shard: dict, region: str, lo: int, hi: int) -> torch.Tensor:
+        offset, dtype = region_offsets(saved, shard["lo"], shard["hi"])[region]
+        fd = self.fds.get(shard["file"])
+        if fd is None:
+            fd = self.fds[shard["file"]] = os.open(os.path.join(self.vdir, shard["file"]),
+                                                   os.O_RDONLY)
+        out = torch.empty((hi - lo) * dtype.itemsize, dtype=torch.uint8)
+        view, at = memoryview(out.numpy()), offset + (lo - shard["lo"]) * dtype.itemsize
         while view:
-            n = f.readinto(view)
+            n = os.preadv(fd, [view], at)
             if not n:
-                raise OSError(errno.EIO, f"{entry['file']} ended early while loading")
-            view = view[n:]
-    out = {}
-    for region in entry["regions"]:
-        dtype = DTYPES[region["dtype"]]
-        start = region["offset"]
-        out[region["name"]] = raw[start:start + region["numel"] * dtype.itemsize].view(dtype)
-    if "master" not in out and "exp_avg" in out:
-        out["master"] = out["params"]  # fp32: the parameters are the master
-    return out
+                raise OSError(errno.EIO, f"{shard['file']} ended early while loading")
+            view, at = view[n:], at + n
+        return out.view(dtype)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
-def _apply(vdir: str, manifest: dict, pairs: list, state) -> None:
+def _apply(vdir: str, reads: list, pairs: list, state) -> None:
     manager = state.manager
-    saved_chunks = {c["index"]: c for c in manifest["chunks"]}
     by_chunk: dict[int, list] = {}
+    for item in reads:
+        by_chunk.setdefault(item[4].chunk.index, []).append(item)
+    parts = _Parts(vdir)
+    try:
+        for index in sorted(by_chunk):
+            chunk = manager.chunks[index]
+            # Every tensor holding this chunk's values now; unlike the file's regions, a
+            # master kept apart from the parameters (on the device, on NVMe) in fp32 too.
+            dst = {"params": manager.values(chunk)}
+            if chunk.trainable:
+                dst.update(zip(("master", "exp_avg", "exp_avg_sq"), manager.states(chunk)))
+                if dst["master"].data_ptr() == dst["params"].data_ptr():
+                    del dst["master"]  # fp32 on the host: the parameters are the master
+            for saved, shard, lo, hi, slot, into in by_chunk[index]:
+                stored = {r["name"] for r in saved["regions"]}
+                for name, tensor in dst.items():
+                    # fp32 files hold no separate master: the parameters are the master
+                    source = name if name in stored else "params"
+                    tensor[into].copy_(parts.read(saved, shard, source, lo, hi))
+            if chunk.nvme is not None:
+                manager.nvme.store(chunk)
+            if chunk.resident and not chunk.states_on_device:
+                chunk.device_stale = True
+    finally:
+        parts.close()
     for entry, slot in pairs:
-        by_chunk.setdefault(slot.chunk.index, []).append((entry, slot))
-    cache: dict[int, dict] = {}
-    for index in sorted(by_chunk):
-        chunk = manager.chunks[index]
-        # Every tensor holding this chunk's values now; unlike the file's regions, a master
-        # kept apart from the parameters (on the device, on NVMe) in fp32 too.
-        dst = {"params": manager.values(chunk)}
-        if chunk.trainable:
-            dst.update(zip(("master", "exp_avg", "exp_avg_sq"), manager.states(chunk)))
-            if dst["master"].data_ptr() == dst["params"].data_ptr():
-                del dst["master"]  # fp32 on the host: the parameters are the master
-        for entry, slot in by_chunk[index]:
-            if entry["chunk"] not in cache:
-                cache = {entry["chunk"]: _read_chunk(vdir, saved_chunks[entry["chunk"]])}
-            src = cache[entry["chunk"]]
-            have = slice(entry["offset"], entry["offset"] + entry["numel"])
-            for name, tensor in dst.items():
-                tensor[slot.range].copy_(src[name][have])
-            slot.step = entry["step"]
-        if chunk.nvme is not None:
-            manager.nvme.store(chunk)
-        if chunk.resident and not chunk.states_on_device:
-            chunk.device_stale = True
+        slot.step = entry["step"]
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
@@ -191,26 +246,30 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     with _PENDING_LOCK:
         writing_here = any(s.root == root for s in _PENDING.values())
     wait_checkpoint(None if writing_here else model)
-    vdir, manifest = _read_manifest(root)
-    pairs = _match(root, manifest, model, state, optimizer)
-    _verify_files(root, vdir, manifest)
-    blob = torch.load(os.path.join(vdir, layout.EXTRA), weights_only=True)
-    live_buffers = {k: v for k, v in torch.nn.Module.state_dict(model).items()
-                    if k not in _slot_names(model)}
-    if set(blob["buffers"]) != set(live_buffers):
-        raise _refuse(root, f"has buffers {sorted(blob['buffers'])[:_SHOW]}, this model "
-                      f"{sorted(live_buffers)[:_SHOW]}", "load it into the model it was saved from")
-    for name, value in blob["buffers"].items():
-        if value.shape != live_buffers[name].shape:
-            raise _refuse(root, f"buffer {name!r} has shape {tuple(value.shape)}, this model's "
-                          f"{tuple(live_buffers[name].shape)}", "load it into the model it was saved from")
+    comm = state.comm
+    error, loaded = None, None
+    try:
+        loaded = _check(root, model, state, optimizer, comm)
+    except (CheckpointError, OSError) as exc:
+        if comm is None:
+            raise
+        error = exc
+    if comm is not None:
+        # Every rank loads, or every rank refuses: a rank alone with old state would train
+        # on a model its peers no longer have.
+        reason = comm.agree(None if error is None else str(error), "load_checkpoint: checking")
+        if error is not None:
+            raise error
+        if reason is not None:
+            raise CheckpointError(f"load_checkpoint: {root!r}: refused on {reason}")
+    vdir, manifest, pairs, reads, blob, live_buffers = loaded
     # Everything checked: from here on the live state changes.
     state.synchronize()
     state.manager.settle_loads()
     if state.optimizer is not None:
         state.optimizer.zero_grad()
     with torch.no_grad():
-        _apply(vdir, manifest, pairs, state)
+        _apply(vdir, reads, pairs, state)
         for name, value in blob["buffers"].items():
             live_buffers[name].copy_(value)
     opt = state.optimizer
@@ -224,3 +283,27 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                 setattr(opt.scaler, key, value)
     set_rng_state(blob["rng"])
     return blob["extra"]
+
+
+def _check(root: str, model, state, optimizer, comm) -> tuple:
+    """Everything a load checks, on this rank; returns what `_apply` needs."""
+    vdir, manifest = _read_manifest(root)
+    pairs = _match(root, manifest, model, state, optimizer)
+    reads = _reads(manifest, pairs)
+    saved_world = manifest.get("world_size", 1)
+    rank = comm.rank if comm is not None else 0
+    # This rank's RNG and buffers come from the saved rank of the same number (wrapping
+    # around when loading at more ranks than saved).
+    extra = layout.extra_file(None if saved_world == 1 else rank % saved_world)
+    _verify_files(root, vdir, manifest, {r[1]["file"] for r in reads} | {extra})
+    blob = torch.load(os.path.join(vdir, extra), weights_only=True)
+    live_buffers = {k: v for k, v in torch.nn.Module.state_dict(model).items()
+                    if k not in _slot_names(model)}
+    if set(blob["buffers"]) != set(live_buffers):
+        raise _refuse(root, f"has buffers {sorted(blob['buffers'])[:_SHOW]}, this model "
+                      f"{sorted(live_buffers)[:_SHOW]}", "load it into the model it was saved from")
+    for name, value in blob["buffers"].items():
+        if value.shape != live_buffers[name].shape:
+            raise _refuse(root, f"buffer {name!r} has shape {tuple(value.shape)}, this model's "
+                          f"{tuple(live_buffers[name].shape)}", "load it into the model it was saved from")
+    return vdir, manifest, pairs, reads, blob, live_buffers

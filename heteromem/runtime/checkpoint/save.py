@@ -7,6 +7,12 @@ straight from the chunk's host buffers. Chunks whose state is on NVMe are read t
 staging pool one at a time, so they never pass through RAM all at once; in a flash save they
 are written before `save_checkpoint` returns, because the next optimizer steps rewrite their
 files.
+
+Sharded over ranks, every rank calls `save_checkpoint` and writes its parts of the chunks at
+the same time into one folder that rank 0 created; rank 0 writes the manifest and publishes
+once every rank reports its files written (collectives on the checkpoint's own gloo group,
+so a flash save's background threads never interleave with training's collectives). If any
+rank fails, every rank raises and the previous checkpoint stays the published one.
 """
 
 from __future__ import annotations
@@ -89,10 +95,10 @@ def _write_file(path: str, parts: list[torch.Tensor]) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _write_extra(tmp: str, blob: dict) -> tuple[int, str]:
+def _write_extra(tmp: str, blob: dict, rank: int | None) -> tuple[int, str]:
     data = io.BytesIO()
     torch.save(blob, data)
-    return _write_file(os.path.join(tmp, layout.EXTRA),
+    return _write_file(os.path.join(tmp, layout.extra_file(rank)),
                        [torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8)])
 
 
@@ -105,7 +111,7 @@ def _snapshot(state, chunks: list[Chunk]) -> dict[int, torch.Tensor]:
     """Copies the host chunks' regions into the model's snapshot buffers (allocated once,
     counted on the host tier, reused by every later flash save)."""
     manager = state.manager
-    sizes = {c.index: sum(c.used * d.itemsize for _, d in regions(c)) for c in chunks}
+    sizes = {c.index: sum(c.host_len * d.itemsize for _, d in regions(c)) for c in chunks}
     snap = getattr(state, "checkpoint_snapshot", None)
     if snap is None or {k: v.numel() for k, v in snap.items()} != sizes:
         # First flash save, or chunks moved tiers since the last one (NVMe or device state).
@@ -125,11 +131,62 @@ def _snapshot(state, chunks: list[Chunk]) -> dict[int, torch.Tensor]:
     return snap
 
 
-def _finish(root: str, tmp: str, manifest: dict, files: dict) -> None:
+def _finish(root: str, tmp: str, manifest: dict, files: dict, comm,
+            error: str | None = None) -> None:
+    """Publishes the checkpoint once every rank's files are written (sharded: rank 0 writes
+    the manifest with every rank's checksums; every rank raises if any rank failed)."""
+    if comm is None:
+        _publish(root, tmp, manifest, files)
+        return
+    group = comm.checkpoint_group
+    everyone = comm.all_gather_object((files, error), "save_checkpoint: collecting the ranks' "
+                                      "files", group=group)
+    failed = [(r, e) for r, (_, e) in enumerate(everyone) if e is not None]
+    publish_error = None
+    if not failed and comm.rank == 0:
+        try:
+            _publish(root, tmp, manifest, {k: v for f, _ in everyone for k, v in f.items()})
+        except Exception as exc:  # noqa: BLE001  (every rank raises it below)
+            publish_error = f"{type(exc).__name__}: {exc}"
+    if failed:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rank, why = failed[0]
+        raise RuntimeError(f"save_checkpoint: rank {rank} could not write its part ({why}); "
+                           f"the checkpoint at {root!r} is still the previous complete one")
+    publish_error = comm.agree(publish_error, "save_checkpoint: publishing", group=group)
+    if publish_error is not None:
+        raise RuntimeError(f"save_checkpoint: publishing at {root!r} failed on {publish_error}; "
+                           "the checkpoint there is still the previous complete one")
+
+
+def _publish(root: str, tmp: str, manifest: dict, files: dict) -> None:
     manifest["files"] = {name: dict(bytes=n, xxh3_64=digest) for name, (n, digest) in files.items()}
     digest = layout.write_manifest(tmp, manifest)
     layout.publish(root, tmp, digest)
     layout.remove_leftovers(root)
+
+
+def _tmp_dir(root: str, comm) -> str:
+    """The folder this save writes into (sharded: rank 0's, shared by every rank)."""
+    if comm is None:
+        os.makedirs(root, exist_ok=True)
+        layout.remove_leftovers(root)
+        return layout.new_tmp_dir(root)
+    tmp, error = None, None
+    if comm.rank == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            layout.remove_leftovers(root)
+            tmp = layout.new_tmp_dir(root)
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    tmp, error = comm.broadcast_object((tmp, error), "save_checkpoint: starting",
+                                       group=comm.checkpoint_group)
+    if error is not None:
+        raise OSError(f"save_checkpoint: rank 0 could not create the checkpoint folder under "
+                      f"{root!r}: {error}")
+    return tmp
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
@@ -154,39 +211,56 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     # A flash save writes later: `extra` is copied now, as the chunks are.
     blob = dict(buffers=buffers(model), rng=rng_state(),
                 extra=extra if blocking else copy.deepcopy(extra))
-    os.makedirs(root, exist_ok=True)
-    layout.remove_leftovers(root)
-    tmp = layout.new_tmp_dir(root)
+    comm = state.comm
+    rank = comm.rank if comm is not None else None
+    tmp = _tmp_dir(root, comm)
+    files: dict[str, tuple[int, str]] = {}
     try:
-        files: dict[str, tuple[int, str]] = {}
         on_nvme = [c for c in manager.chunks if c.nvme is not None]
         # NVMe chunks first and in this thread: one staging slot, one chunk at a time.
         for chunk in on_nvme:
-            files[layout.chunk_file(chunk.index)] = _write_file(
-                os.path.join(tmp, layout.chunk_file(chunk.index)), _cpu_parts(manager, chunk))
+            name = layout.chunk_file(chunk.index, rank)
+            files[name] = _write_file(os.path.join(tmp, name), _cpu_parts(manager, chunk))
         rest = [c for c in manager.chunks if c.nvme is None]
         if blocking:
             # Parts are gathered by the writer threads: a chunk whose state is on the device
             # is copied to the host only when its file is written.
             _write_rest(tmp, files, [(c.index, lambda c=c: _cpu_parts(manager, c))
-                                     for c in rest])
-            files[layout.EXTRA] = _write_extra(tmp, blob)
-            _finish(root, tmp, manifest, files)
-            return
-        snap = _snapshot(state, rest)
+                                     for c in rest], rank)
+            files[layout.extra_file(rank)] = _write_extra(tmp, blob, rank)
+        else:
+            snap = _snapshot(state, rest)
+    except Exception as exc:
+        if comm is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _finish(root, tmp, manifest, {}, comm, error=f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: _finish raises when a rank failed") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if comm is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if blocking:
+        _finish(root, tmp, manifest, files, comm)
+        return
     save = _Save(root)
 
     def persist() -> None:
+        error = None
         try:
-            _write_rest(tmp, files, [(c.index, lambda c=c: [snap[c.index]]) for c in rest])
-            files[layout.EXTRA] = _write_extra(tmp, blob)
-            _finish(root, tmp, manifest, files)
+            _write_rest(tmp, files, [(c.index, lambda c=c: [snap[c.index]]) for c in rest], rank)
+            files[layout.extra_file(rank)] = _write_extra(tmp, blob, rank)
         except BaseException as exc:  # noqa: BLE001  (reported at the next save / wait)
+            error = exc
+        try:
+            if comm is None and error is not None:
+                raise error
+            _finish(root, tmp, manifest, files, comm,
+                    error=None if error is None else f"{type(error).__name__}: {error}")
+        except BaseException as exc:  # noqa: BLE001
             save.error = exc
-            shutil.rmtree(tmp, ignore_errors=True)
+            if comm is None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     # NOTE: not a daemon: an interpreter that exits right after a flash save finishes it.
     save.thread = threading.Thread(target=persist, name="heteromem-checkpoint")
@@ -196,11 +270,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
 
 
 def _write_rest(tmp: str, files: dict,
-                jobs: list[tuple[int, Callable[[], list[torch.Tensor]]]]) -> None:
+                jobs: list[tuple[int, Callable[[], list[torch.Tensor]]]], rank: int | None) -> None:
     def write(index: int, parts: Callable[[], list[torch.Tensor]]) -> tuple[int, str]:
-        return _write_file(os.path.join(tmp, layout.chunk_file(index)), parts())
+        return _write_file(os.path.join(tmp, layout.chunk_file(index, rank)), parts())
 
     with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="heteromem-ckpt") as pool:
         futures = {index: pool.submit(write, index, parts) for index, parts in jobs}
         for index, future in futures.items():
-            files[layout.chunk_file(index)] = future.result()
+            files[layout.chunk_file(index, rank)] = future.result()

@@ -52,6 +52,16 @@ def regions(chunk: Chunk) -> list[tuple[str, torch.dtype]]:
     return out
 
 
+def region_offsets(entry: dict, lo: int, hi: int) -> dict[str, tuple[int, torch.dtype]]:
+    """Region name -> (byte offset, dtype) in a part file holding elements [lo, hi)."""
+    out, offset = {}, 0
+    for region in entry["regions"]:
+        dtype = DTYPES[region["dtype"]]
+        out[region["name"]] = (offset, dtype)
+        offset += (hi - lo) * dtype.itemsize
+    return out
+
+
 def live_tensors(manager, chunk: Chunk) -> dict[str, torch.Tensor]:
     """The tensors holding each region now. NVMe states are read into staging slot 0: the
     views stay valid until that slot is used again."""
@@ -67,7 +77,7 @@ def check_quiet(state, what: str) -> None:
     state.manager.grads_home()
     for chunk in state.manager.chunks:
         if chunk.host_state is not HostState.PARAMS or any(
-                s.grad_loc is not None for s in chunk.slots):
+                s.has_grad for s in chunk.slots):
             raise CheckpointError(
                 f"{what}: gradients from backward() are waiting for opt.step(); a checkpoint is "
                 "taken between steps: call opt.step() (or opt.zero_grad()) first")
@@ -98,12 +108,17 @@ def describe(model: torch.nn.Module, state) -> dict:
               for key, slot in slots.items()]
     chunks = []
     for chunk in manager.chunks:
-        offset, layout = 0, []
-        for name, dtype in regions(chunk):
-            layout.append(dict(name=name, dtype=dtype_name(dtype), offset=offset, numel=chunk.used))
-            offset += chunk.used * dtype.itemsize
-        chunks.append(dict(index=chunk.index, file=chunk_file(chunk.index), used=chunk.used,
-                           trainable=chunk.trainable, bytes=offset, regions=layout))
+        names = [dict(name=name, dtype=dtype_name(dtype)) for name, dtype in regions(chunk)]
+        per_elem = sum(dtype.itemsize for _, dtype in regions(chunk))
+        if chunk.world == 1:
+            shards = [dict(file=chunk_file(chunk.index), lo=0, hi=chunk.used,
+                           bytes=chunk.used * per_elem)]
+        else:
+            part = chunk.used // chunk.world
+            shards = [dict(file=chunk_file(chunk.index, r), lo=r * part, hi=(r + 1) * part,
+                           bytes=part * per_elem) for r in range(chunk.world)]
+        chunks.append(dict(index=chunk.index, used=chunk.used, trainable=chunk.trainable,
+                           regions=names, shards=shards))
     opt = state.optimizer
     optimizer = None
     if opt is not None:
@@ -111,7 +126,9 @@ def describe(model: torch.nn.Module, state) -> dict:
                    for k, v in g.items() if k != "params"} for i, g in enumerate(opt.param_groups)]
         optimizer = dict(adamw=opt.adamw, param_groups=groups, skipped_steps=opt.skipped_steps,
                          scaler=opt.scaler.state_dict() if opt.scaler is not None else None)
+    comm = state.comm
     return dict(format=FORMAT, format_version=FORMAT_VERSION, heteromem_version=__version__,
+                world_size=comm.world if comm is not None else 1,
                 torch_version=torch.__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 dtype=dtype_name(manager.chunks[0].dtype) if manager.chunks else "float32",
