@@ -1,7 +1,9 @@
-"""Integrations with other libraries: `heteromem.integrations.HeteromemTrainer` (transformers).
+"""Integrations with other libraries: `heteromem.integrations.HeteromemTrainer` (transformers'
+Trainer, `heteromem.integrations.hf`) and `heteromem.integrations.transformers.register()`
+(attn_implementation="heteromem", the fused attention op inside transformers models).
 
 Importing this package imports nothing else; `transformers` is imported when its integration is
-first used (`heteromem.integrations.hf`).
+first used.
 """
 
 from __future__ import annotations
