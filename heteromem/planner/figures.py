@@ -38,6 +38,10 @@ class Figures:
     nvme_read_gbps: float = 3.0
     nvme_write_gbps: float = 2.0
     gpu_tflops: float = 250.0
+    # Collective bandwidth between GPUs (all-gather / reduce-scatter, per rank, NCCL "bus"
+    # GB/s); not calibrated (one GPU cannot measure it): a PCIe-class default, set it for
+    # NVLink machines.
+    comm_gbps: float = 20.0
     source: str = "defaults (no calibration on this machine; run `python -m heteromem plan --calibrate`)"
 
 

@@ -139,17 +139,27 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
         acts = 0
         notes.append("activations not counted: the model's shape is unknown (give a config or "
                      "preset)")
-    device_fixed = working * chunk_bytes + acts + CUDA_RESERVE
+    # Sharded (gpus > 1): reducing one chunk's gradients needs its fp32 sum and the rank's
+    # part on the device (wrap reserves that room once).
+    reduce = chunk_elems * 4 + math.ceil(chunk_elems / gpus) * 4 if gpus > 1 else 0
+    device_fixed = working * chunk_bytes + acts + CUDA_RESERVE + reduce
 
     # Optimizer state per parameter: fp32 master (the parameter itself in fp32), 2 moments.
     state_elem = 8 if dtype == torch.float32 else 12
     rank_params = math.ceil(m.params / gpus)
     left = max(0, gpu_mem - device_fixed)
     # A chunk keeping its state on the device also stays resident: its parameters count too.
+    # Sharded, every rank's part of the states stays on the host (as hm.wrap does).
     on_device = min(rank_params, left // (state_elem + elem)) if left >= chunk_bytes else 0
     on_device = on_device // chunk_elems * chunk_elems if on_device < rank_params else on_device
+    if gpus > 1:
+        on_device = 0
+        notes.append(f"sharded over {gpus} GPUs: each rank keeps its part of the parameters, "
+                     "optimizer states and reduced fp32 gradients on the host")
     host_params = m.params * elem                       # every rank's parameter shard
-    acc = m.params * 4 if grad_accumulation > 1 else 0  # fp32 accumulation on the host
+    # fp32 gradients on the host: sharded, every rank's reduced part; else the accumulation
+    # buffer when gradients accumulate.
+    acc = m.params * 4 if grad_accumulation > 1 or gpus > 1 else 0
     host_room = host - host_params - acc
     states_left = (rank_params - on_device) * gpus
     # Each rank stages its shard of a chunk's three fp32 states per slot.
@@ -162,10 +172,11 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     tiers = {
         "device": TierPlan(gpu_mem, device_fixed + on_device * (state_elem + elem), dict(
             **{"working set": working * chunk_bytes, "activations": acts,
+               "gradient reduction": reduce,
                "CUDA reserve": CUDA_RESERVE, "states kept on GPU": on_device * (state_elem + elem)})),
         "host": TierPlan(host, host_params + acc + on_host * state_elem +
                          (staging if on_nvme else 0), {
-            "parameters": host_params, "grad accumulation": acc, "optimizer states": on_host * state_elem,
+            "parameters": host_params, "fp32 gradients": acc, "optimizer states": on_host * state_elem,
             "NVMe staging": staging if on_nvme else 0}),
         "nvme": TierPlan(disk, on_nvme * state_elem * 2, {"optimizer states (2 copies)":
                                                           on_nvme * state_elem * 2}),
@@ -191,7 +202,13 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     step = {
         "GPU compute": flops / (fig.gpu_tflops * 1e12),
         "host->GPU copies": 2 * paged * elem * grad_accumulation / (fig.h2d_gbps * 1e9),
-        "GPU->host copies": paged * elem * grad_accumulation / (fig.d2h_gbps * 1e9),
+        # Sharded, each rank sends home its fp32 part of the reduced gradients.
+        "GPU->host copies": paged * (4 if gpus > 1 else elem) * grad_accumulation
+        / (fig.d2h_gbps * 1e9),
+        # Sharded: per rank and micro-batch, (N-1)/N of the parameters gathered for forward
+        # and again for backward, and of the fp32 gradients reduce-scattered.
+        "collectives": (gpus - 1) / gpus * m.params * (2 * elem + 4) * grad_accumulation
+        / (fig.comm_gbps * 1e9),
         "CPU Adam": (on_host + on_nvme) / (fig.cpu_adam_gparams * 1e9),
         "NVMe": on_nvme * state_elem * (1 / (fig.nvme_read_gbps * 1e9)
                                         + 1 / (fig.nvme_write_gbps * 1e9)),

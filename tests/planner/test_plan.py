@@ -65,7 +65,7 @@ def test_70b_on_one_24gb_gpu_and_1t_on_eight_gpus():
     assert sum(p.state_params.values()) == p.model.params
     assert p.state_params["nvme"] > 0 and p.tiers["host"].needed <= 512 * GiB
     assert p.tiers["device"].needed <= 24 * GiB
-    big = hm.plan("dense-1t", gpu="h100", gpus=8, host_memory="4TiB", nvme="60TB", figures=FIG)
+    big = hm.plan("dense-1t", gpu="h100", gpus=8, host_memory="6TiB", nvme="60TB", figures=FIG)
     assert big.model.params > 10**12 and big.fits, str(big)
     assert sum(big.state_params.values()) == pytest.approx(big.model.params, abs=8)
     assert big.tiers["device"].needed <= 80 * GiB
@@ -134,3 +134,18 @@ def test_command_line(tmp_path):
                             "--gpu", "rtx4090", "--host-memory", "32GiB"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert short.returncode == 1 and "NO: the host tier" in short.stdout
+
+
+def test_sharding_over_gpus_is_accounted_as_wrap_shards():
+    one = hm.plan("llama-7b", gpu="h100", host_memory="2TiB", figures=FIG)
+    four = hm.plan("llama-7b", gpu="h100", gpus=4, host_memory="2TiB", figures=FIG)
+    params = four.model.params
+    # Sharded: no states on the GPUs, every rank's reduced fp32 gradient part on the host.
+    assert four.state_params["device"] == 0 and four.state_params["host"] == params
+    assert four.tiers["host"].parts["fp32 gradients"] == params * 4
+    assert one.tiers["host"].parts["fp32 gradients"] == 0
+    chunk = four.chunk_bytes // 2  # bf16 elements
+    assert four.tiers["device"].parts["gradient reduction"] == chunk * 4 + -(-chunk // 4) * 4
+    # Collectives: 3/4 of (bf16 parameters twice + fp32 gradients) at the default 20 GB/s.
+    assert four.step_seconds["collectives"] == pytest.approx(0.75 * params * 8 / 20e9)
+    assert one.step_seconds["collectives"] == 0
