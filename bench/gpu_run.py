@@ -54,10 +54,11 @@ def test_summary(junit: Path) -> dict:
             "skipped": skipped, "failures": failures}
 
 
-# GPU targets first: the issues' GPU targets live in bench_wrap (paging vs plain training) and
-# bench_adam (CUDA op vs copy bandwidth); the disk benches need no GPU and come last.
-BENCH_ORDER = ["bench/bench_wrap.py", "bench/bench_adam.py", "bench/bench_nvme_step.py",
-               "bench/bench_nvme.py"]
+# GPU targets first: the issues' GPU targets live in bench_wrap (paging vs plain training),
+# bench_attention (fused attention vs SDPA flash/cuDNN) and bench_adam (CUDA op vs copy
+# bandwidth); the disk benches need no GPU and come last.
+BENCH_ORDER = ["bench/bench_wrap.py", "bench/bench_attention.py", "bench/bench_adam.py",
+               "bench/bench_nvme_step.py", "bench/bench_nvme.py"]
 
 
 def run_with_deadline(cmd: list[str], deadline: float) -> int:
