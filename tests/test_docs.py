@@ -34,7 +34,8 @@ def test_every_public_name_is_in_the_api_reference():
 
     text = (ROOT / "docs" / "api.md").read_text()
     names = [f"hm.{n}" for n in heteromem.__all__]
-    names += [f"heteromem.ops.{n}" for n in ("adam_step_", "reference", "adam")]
+    names += [f"heteromem.ops.{n}" for n in ("adam_step_", "attention", "reference", "adam")]
+    names += ["heteromem.integrations.transformers.register"]
     names += [f"heteromem.io.{n}" for n in heteromem.io.__all__ if n != "IoFile"] + ["IoFile"]
     missing = [n for n in names if n not in text]
     assert not missing, f"docs/api.md does not document {missing}"
