@@ -16,6 +16,8 @@ the set of chunks flushed at the end of a backward pass is agreed over the ranks
 
 from __future__ import annotations
 
+import errno
+
 import torch
 
 from heteromem.distributed.comm import ShardGroup
@@ -139,6 +141,15 @@ class ShardedChunkManager(ChunkManager):
     def sum_over_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.comm.sum_(t, "summing the gradient norm").item())
+
+    def agree_nvme(self, error: BaseException | None) -> BaseException | None:
+        """An NVMe step commits on every rank or on none: a rank whose states moved on while
+        another's did not would train on a model its peers no longer have."""
+        reason = self.comm.agree(None if error is None else f"{type(error).__name__}: {error}",
+                                 "agreeing on the NVMe step")
+        if error is not None or reason is None:
+            return error
+        return OSError(errno.EIO, f"{reason}; this rank's NVMe step was not committed either")
 
     @property
     def grad_divisor(self) -> int:

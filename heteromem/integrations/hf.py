@@ -89,6 +89,12 @@ class HeteromemTrainer(Trainer):
             raise ValueError("HeteromemTrainer: hm.wrap(dtype=torch.float16) needs opt.backward(loss) "
                              "for loss scaling, which Trainer does not call; use torch.bfloat16 or "
                              "torch.float32")
+        if args.world_size > 1 or state.comm is not None:
+            raise ValueError("HeteromemTrainer: distributed Trainer runs are not supported: "
+                             "Trainer would wrap the model in DistributedDataParallel, which "
+                             "reduces gradients a sharded heteromem model already reduces. "
+                             "Train sharded models with a plain loop under torchrun "
+                             "(docs/distributed.md)")
         if args.n_gpu > 1:
             raise ValueError(f"HeteromemTrainer: Trainer sees {args.n_gpu} GPUs and would use "
                              "DataParallel, which copies the model; make one GPU visible "

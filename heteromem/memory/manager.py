@@ -379,6 +379,8 @@ class ChunkManager:
 
     # Gradients are divided by this before the update (the number of ranks summed).
     grad_divisor = 1
+    # Sharded: agrees the outcome of an NVMe step over the ranks (see NvmeTier.step).
+    agree_nvme = None
 
     def grads_home(self) -> None:
         """Waits for every gradient copy to the host (before norms and updates)."""

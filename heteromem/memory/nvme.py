@@ -192,11 +192,29 @@ class NvmeTier:
     # ------------------------------------------------------------------ the optimizer step
 
     def step(self, chunks: list[Chunk],
-             update: Callable[[Chunk, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+             update: Callable[[Chunk, torch.Tensor, torch.Tensor, torch.Tensor], None],
+             agree: Callable[[BaseException | None], BaseException | None] | None = None) -> None:
         """Updates the states of `chunks`, all or nothing: read ahead into free staging
         slots, `update(chunk, master, exp_avg, exp_avg_sq)` in the slot, write back to the
         other copy; the copies flip only when every write has succeeded. On failure every
-        chunk keeps its current copy and the error is raised (after all I/O has stopped)."""
+        chunk keeps its current copy and the error is raised (after all I/O has stopped).
+
+        `agree` (sharded models) is called with this rank's outcome before the flip and
+        returns the error to raise, its own or another rank's: then no rank flips."""
+        error = None
+        try:
+            self._step(chunks, update)
+        except BaseException as exc:  # noqa: BLE001  (raised below, after agreeing)
+            error = exc
+        if agree is not None:
+            error = agree(error)
+        if error is not None:
+            raise error
+        for chunk in chunks:
+            chunk.nvme.current = 1 - chunk.nvme.current
+
+    def _step(self, chunks: list[Chunk],
+              update: Callable[[Chunk, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
         if not chunks:
             return
         self.reserve_staging()
@@ -238,8 +256,6 @@ class NvmeTier:
             for _, ticket in writes:
                 self._drain(ticket)
             raise
-        for chunk in chunks:
-            chunk.nvme.current = 1 - chunk.nvme.current
 
     def _drain(self, ticket: int) -> None:
         try:

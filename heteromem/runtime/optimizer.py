@@ -116,10 +116,12 @@ class HeteroAdam(torch.optim.Optimizer):
         # States on NVMe first, synchronously and all or nothing: if a read or write fails,
         # nothing of the model or optimizer has changed yet (see `_nvme_failed`).
         on_nvme = [c for c in chunks if c.nvme is not None]
-        if on_nvme:
+        if manager.nvme is not None and (on_nvme or manager.agree_nvme is not None):
+            # Sharded, every rank takes part (its NVMe chunks may have no gradient this step).
             try:
                 manager.nvme.step(on_nvme, lambda c, master, exp_avg, exp_avg_sq: self._apply(
-                    c, sources[id(c)], runs[id(c)], grad_scale, master, exp_avg, exp_avg_sq))
+                    c, sources[id(c)], runs[id(c)], grad_scale, master, exp_avg, exp_avg_sq),
+                    agree=manager.agree_nvme)
             except OSError as err:
                 self._nvme_failed(chunks, on_nvme, err)
         if self.scaler is not None:

@@ -43,7 +43,7 @@ def _config(**extra) -> dict:
     return config
 
 
-def _reference(config: dict, frozen=()) -> tuple[list[float], dict]:
+def _reference(config: dict, frozen=(), no_update_at=()) -> tuple[list[float], dict]:
     """One process, plain torch AdamW, the whole global batch per step."""
     cfg, ref, _ = gpt_pair()
     for name in frozen:
@@ -65,7 +65,8 @@ def _reference(config: dict, frozen=()) -> tuple[list[float], dict]:
             total += loss.item()
         if config.get("clip"):
             torch.nn.utils.clip_grad_norm_(ref.parameters(), config["clip"])
-        opt.step()
+        if len(losses) not in no_update_at:
+            opt.step()
         opt.zero_grad()
         if sched is not None:
             sched.step()
@@ -126,6 +127,24 @@ def test_optimizer_states_on_nvme_per_rank(tmp_path):
         assert rep["nvme_peak"] > 0
     # Each rank's files went to a folder of its own (removed when the model is gone).
     assert sorted(p.name for p in nvme.iterdir()) == ["rank0", "rank1"]
+
+
+def test_an_nvme_fault_on_one_rank_undoes_the_step_on_every_rank(tmp_path):
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    config = _config(state_dict=True, host_memory=400_000, nvme_dir=str(nvme), steps=4,
+                     nvme_fault=dict(rank=1, step=2, op="write", errno=28))
+    got = _run(2, config, tmp_path / "run")
+    reports = _reports(tmp_path / "run", 2)
+    # Rank 1's write failed (ENOSPC); rank 0's succeeded but was not committed: both raise,
+    # and both go on from the state before that step, as a run that skipped its update.
+    assert [f["errno"] for f in reports[1]["faults"]] == [28]
+    assert [f["errno"] for f in reports[0]["faults"]] == [5]
+    assert "rank 1" in reports[0]["faults"][0]["message"]
+    assert [f["step"] for r in reports for f in r["faults"]] == [2, 2]
+    losses, params = _reference(config, no_update_at=(2,))
+    assert_losses_close(got["losses"], losses)
+    assert_params_close(torch.load(tmp_path / "run" / "params.pt"), params)
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):

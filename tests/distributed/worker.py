@@ -60,7 +60,7 @@ def main() -> None:
     batches = gpt_batches(cfg, config["skip"] + config["steps"], seed=1,
                           batch=config["batch"] * accum)[config["skip"]:]
     per_rank = config["batch"] // world
-    losses, skipped = [], []
+    losses, skipped, faults = [], [], []
     started = time.monotonic()
     try:
         for step, (idx, tgt) in enumerate(batches):
@@ -79,7 +79,14 @@ def main() -> None:
                 opt.backward(loss)
                 total += loss.item()
             before = opt.skipped_steps
-            opt.step()
+            fault = config.get("nvme_fault")
+            if fault and fault["step"] == step and fault["rank"] == rank:
+                model._heteromem.manager.nvme.engine.inject_fault(fault["op"], fault["errno"], 1)
+            try:
+                opt.step()
+            except OSError as exc:  # an NVMe fault, here or on another rank: nothing changed
+                faults.append(dict(step=step, errno=exc.errno, message=str(exc)))
+                model._heteromem.manager.nvme.engine.clear_faults()
             opt.zero_grad()
             if scheduler is not None:
                 scheduler.step()
@@ -108,7 +115,7 @@ def main() -> None:
         nvme_peak=report.tiers["nvme"].peak_bytes,
         bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
         rank=report.rank, world_size=report.world_size, chunks=report.chunks,
-        skipped=skipped, scale=opt.scaler.scale if opt.scaler is not None else None,
+        skipped=skipped, faults=faults, scale=opt.scaler.scale if opt.scaler is not None else None,
         text=str(report))))
     if config.get("state_dict"):
         state = model.state_dict()  # collective: every rank gathers
