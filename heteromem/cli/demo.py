@@ -5,6 +5,10 @@ several times the device budget, on a synthetic but learnable token stream, and 
 loss falling, tokens/s and the memory report, and draws the memory timeline of the last
 iteration (`--plot`, default memory.png). Defaults finish in about a minute on a 2-core
 CPU machine; on a GPU pass --device cuda and larger sizes.
+
+Under torchrun (`torchrun --nproc-per-node 2 -m heteromem demo`) every rank trains its own
+batches of the same model, sharded over the ranks (gloo on CPU, NCCL on GPUs); rank 0 prints
+the mean loss over the ranks and its report.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import torch
 
 import heteromem as hm
+from heteromem.distributed.shard import shardable_capacity
 from heteromem.errors import format_bytes
 from heteromem.memory.nvme import staging_bytes
 from heteromem.models import GPT, GPTConfig
@@ -53,6 +58,44 @@ def synthetic_batch(batch: int, seq: int, vocab: int, gen: torch.Generator) -> t
     return (start + stride * torch.arange(seq + 1)) % vocab
 
 
+def _start_distributed(device: str | None) -> tuple[int, int, str | None]:
+    """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device or "cpu"
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=_cpu_group())
+    return t.item() / world
+
+
+_CPU_GROUP = []
+
+
+def _cpu_group():
+    """A gloo group for the loss printout (NCCL would need a device tensor)."""
+    import torch.distributed as dist
+
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(backend="gloo"))
+    return _CPU_GROUP[0]
+
+
 def run(args: argparse.Namespace) -> int:
     for name in ("layers", "width", "vocab", "seq", "batch", "steps"):
         if getattr(args, name) <= 0:
@@ -60,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.budget_fraction <= 1:
         raise ValueError(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     dtype = _DTYPES[args.dtype]
+    rank, world, args.device = _start_distributed(args.device)
+    if world > 1:
+        _cpu_group()  # created by every rank, in the same order, before wrap's own groups
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers,
                     n_head=max(1, args.width // 64), n_embd=args.width, checkpoint=True)
@@ -69,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
     param_bytes = n_params * torch.empty((), dtype=dtype).element_size()
     budget = int(param_bytes * args.budget_fraction)
     chunk_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20 * 1.01
+    if world > 1:
+        # Sharded, the device also holds the room to reduce one chunk's gradients in fp32.
+        capacity = shardable_capacity(int(chunk_mb * 2**20) // torch.empty(
+            (), dtype=dtype).element_size(), world)
+        budget += (capacity + capacity // world) * 4
     nvme = {}
     if args.nvme_dir is not None:
         # Host: parameters, fp32 gradient buffers and the staging pool; no optimizer state.
@@ -79,11 +130,13 @@ def run(args: argparse.Namespace) -> int:
     model, opt = hm.wrap(model, lr=args.lr, weight_decay=0.01, device=args.device, dtype=dtype,
                          device_memory=budget, chunk_mb=chunk_mb, max_grad_norm=1.0, **nvme)
     dev = model._heteromem.manager.device
-    print(f"heteromem demo: GPT with {n_params / 1e6:.1f}M parameters, training state "
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"heteromem demo: GPT with {n_params / 1e6:.1f}M parameters, training state "
           f"{format_bytes(state_bytes)} ({args.dtype} + fp32 master and Adam moments), device "
           f"budget {format_bytes(budget)} ({state_bytes / budget:.1f}x smaller, and only "
-          f"{args.budget_fraction:.0%} of the parameters), on {dev}")
-    gen = torch.Generator().manual_seed(1)
+          f"{args.budget_fraction:.0%} of the parameters), on {dev}"
+          + (f", sharded over {world} ranks ({args.batch} sequences each)" if world > 1 else ""))
+    gen = torch.Generator().manual_seed(1 + rank)
     first_loss = None
     tokens = 0
     start = time.perf_counter()
@@ -93,19 +146,23 @@ def run(args: argparse.Namespace) -> int:
         opt.backward(loss)
         opt.step()
         opt.zero_grad()
-        value = loss.item()
+        value = _mean_over_ranks(loss.item(), world)
         first_loss = value if first_loss is None else first_loss
-        tokens += args.batch * args.seq
+        tokens += args.batch * args.seq * world
         rate = tokens / (time.perf_counter() - start)
         bar = "#" * (30 * step // args.steps)
-        if sys.stdout.isatty() or step % 10 == 0 or step == args.steps:
+        if rank == 0 and (sys.stdout.isatty() or step % 10 == 0 or step == args.steps):
             sys.stdout.write(f"\r[{bar:<30}] step {step}/{args.steps}  loss {value:.3f}  "
                              f"{rate:,.0f} tokens/s" + ("\n" if not sys.stdout.isatty() else ""))
             sys.stdout.flush()
-    print(f"\nloss {first_loss:.3f} -> {value:.3f} over {args.steps} steps\n")
+    say(f"\nloss {first_loss:.3f} -> {value:.3f} over {args.steps} steps\n")
     report = hm.report(model)
-    print(report)
-    if not args.no_plot:
+    say(report)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier(group=_cpu_group())
+    if not args.no_plot and rank == 0:
         try:
             path = report.plot(args.plot, title=f"heteromem demo: memory over one iteration "
                                f"({args.device or dev.type}, {args.dtype}, budget "

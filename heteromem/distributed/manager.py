@@ -85,8 +85,7 @@ class ShardedChunkManager(ChunkManager):
             slot.grad_loc, slot.reduced = None, True
         self.comm.reduce_scatter(part, full, what)
         self._grad_shard(chunk).add_(part.to("cpu"))
-        if self.copies.cuda:
-            self.copies.bytes_d2h += part.numel() * 4
+        self.copies.bytes_d2h += part.numel() * 4  # device tier -> host tier
         if chunk.acc is not None:  # only needed until the next flush: give the room back
             self.host_tier.release(chunk.used * 4)
             chunk.acc = None

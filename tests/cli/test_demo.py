@@ -34,3 +34,17 @@ def test_demo_no_plot_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(TINY + ["--no-plot"]) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_under_torchrun_shards_over_two_ranks(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "heteromem", *TINY, "--no-plot"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Rank 0 alone prints, once: the banner, the loss and its report.
+    assert proc.stdout.count("sharded over 2 ranks") == 1
+    assert "rank 0 of 2: sent" in proc.stdout and "loss" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
