@@ -199,3 +199,32 @@ def test_save_between_backward_and_step_is_refused(tmp_path):
     with pytest.raises(hm.CheckpointError, match="call opt.step"):
         hm.save_checkpoint(tmp_path / "ckpt", model, opt)
     assert not os.path.exists(tmp_path / "ckpt" / "LATEST")
+
+
+def test_a_version_1_checkpoint_still_loads(tmp_path):
+    """Checkpoints written before sharding (format 1: one file per chunk, regions with their
+    own offsets, no parts) load as they did."""
+    import json
+
+    cfg, model, opt = _wrapped(0)
+    batches = gpt_batches(cfg, 4)
+    _train(model, opt, batches[:2])
+    root = tmp_path / "ckpt"
+    hm.save_checkpoint(root, model, opt)
+    want = _train(model, opt, batches[2:])
+    vdir = root / layout.read_latest(str(root))["version"]
+    manifest = json.loads((vdir / layout.MANIFEST).read_text())
+    manifest.pop("world_size")
+    manifest["format_version"] = 1
+    for chunk in manifest["chunks"]:
+        (part,) = chunk.pop("shards")
+        offset, regions = 0, []
+        for region in chunk["regions"]:
+            regions.append(dict(region, offset=offset, numel=chunk["used"]))
+            offset += chunk["used"] * {"float32": 4, "bfloat16": 2, "float16": 2}[region["dtype"]]
+        chunk.update(file=part["file"], bytes=part["bytes"], regions=regions)
+    digest = layout.write_manifest(str(vdir), manifest)
+    (root / layout.LATEST).write_text(json.dumps(dict(version=vdir.name, manifest_xxh3_64=digest)))
+    _, other, oopt = _wrapped(1)
+    hm.load_checkpoint(root, other, oopt)
+    assert _train(other, oopt, batches[2:]) == want
