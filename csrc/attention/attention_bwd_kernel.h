@@ -344,8 +344,7 @@ cudaError_t run_attention_bwd(const BwdParams& params, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  const int smem_bytes = Cfg::kSmemElems * static_cast<int>(sizeof(T)) +
-                         Cfg::kSmemFloats * static_cast<int>(sizeof(float));
+  const int smem_bytes = bwd_smem_bytes<kHeadDim>(static_cast<int>(sizeof(T)));
   auto kernel = attention_bwd_kernel<kHeadDim, T, kCausal>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) return err;

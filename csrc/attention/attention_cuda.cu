@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "attention/attention_params.h"
+#include "attention/kernel_traits.h"
 #include "attention/static_switch.h"
 
 namespace heteromem {
@@ -115,6 +116,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out_in,
                                                       const Tensor& lse_in, bool causal,
                                                       double scale) {
   check_inputs("attention_bwd", q_in, k_in, v_in, scale);
+  const int smem_needed = HM_HEADDIM_SWITCH(q_in.size(3), kHeadDim, [&] {
+    return attention::bwd_smem_bytes<kHeadDim>(2);
+  });
+  const auto* props = at::cuda::getDeviceProperties(q_in.get_device());
+  TORCH_CHECK(static_cast<int64_t>(props->sharedMemPerBlockOptin) >= smem_needed,
+              "attention_bwd: the backward kernel needs ", smem_needed,
+              " bytes of shared memory per block and this GPU allows ",
+              props->sharedMemPerBlockOptin, "; use hm.ops.attention, which trains through SDPA "
+              "there");
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "attention_bwd: grad_out and out must have q's shape");
   TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&

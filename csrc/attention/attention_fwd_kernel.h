@@ -173,7 +173,7 @@ template <int kHeadDim, typename T, bool kCausal>
 cudaError_t run_attention_fwd(const FwdParams& params, cudaStream_t stream) {
   using Cfg = FwdConfig<kHeadDim>;
   const Shape& sh = params.shape;
-  const int smem_bytes = Cfg::kSmemElems * static_cast<int>(sizeof(T));
+  const int smem_bytes = fwd_smem_bytes<kHeadDim>(static_cast<int>(sizeof(T)));
   auto kernel = attention_fwd_kernel<kHeadDim, T, kCausal>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in.
   cudaError_t err =

@@ -1,9 +1,10 @@
 // Tile shapes of the attention kernels, per head-dim bucket, as compile-time constants.
 //
-// Forward (FlashAttention-2 shapes): a CTA of 4 warps owns kBlockM query rows, 32 per warp, and
-// walks the key/value blocks of kBlockN rows. hdim 128 uses kBlockN = 64 and hdim 64 uses 128, so
-// that the per-thread registers (scores 2*kBlockN/8*4 + output 2*kHeadDim/8*4 floats) stay near
-// 192 and two CTAs fit per SM.
+// Forward: a CTA of 4 warps owns kBlockM = 128 query rows, 32 per warp (two m16 tiles: each
+// K/V fragment loaded from shared memory feeds two MMAs), and walks key/value blocks of
+// kBlockN = 64 rows. Per-thread accumulators: scores 2*kBlockN/8*4 + output 2*kHeadDim/8*4
+// floats = 192 for hdim 128 (255 registers, a few spilled: ptxas -v) and 128 for hdim 64 (213,
+// none; FlashAttention-2's 128-key blocks for hdim 64 spilled ~200 bytes here). Two CTAs per SM.
 //
 // Backward: a CTA of 8 warps owns kBlockN = 128 keys, 16 per warp, and walks the query blocks of
 // kBlockM rows. Each warp computes S^T = K Q^T for its 16 keys, so P^T and dS^T come out of the
@@ -21,7 +22,7 @@ struct FwdTraits;
 template <>
 struct FwdTraits<64> {
   static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = 64;
 };
 
 template <>
@@ -81,6 +82,24 @@ struct BwdConfig : BwdTraits<kHeadDim> {
   static_assert(kDqWarpsM * kDqWarpsN == kWarps && kDqCols % 16 == 0, "dQ warp grid");
   static_assert(2 * Base::kBlockM <= kThreads, "one thread per lse / dsum row");
 };
+
+// Dynamic shared memory of one CTA, for elements of `elem_bytes` bytes. The backward needs
+// 130 KiB (hdim 64) or 145 KiB (hdim 128): more than the 99 KiB a CTA may have on sm_86/sm_89
+// (RTX 30xx/40xx, L4, L40), so there heteromem/ops/attention.py trains through SDPA
+// (BWD_SMEM_BYTES there must equal these numbers for 16-bit inputs).
+template <int kHeadDim>
+constexpr int fwd_smem_bytes(int elem_bytes) {
+  return FwdConfig<kHeadDim>::kSmemElems * elem_bytes;
+}
+
+template <int kHeadDim>
+constexpr int bwd_smem_bytes(int elem_bytes) {
+  return BwdConfig<kHeadDim>::kSmemElems * elem_bytes +
+         BwdConfig<kHeadDim>::kSmemFloats * static_cast<int>(sizeof(float));
+}
+
+static_assert(bwd_smem_bytes<64>(2) == 133120 && bwd_smem_bytes<128>(2) == 148480,
+              "update BWD_SMEM_BYTES in heteromem/ops/attention.py");
 
 }  // namespace attention
 }  // namespace heteromem

@@ -25,6 +25,9 @@ _OP = "attention_fwd"
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MAX_KERNEL_HEAD_DIM = 128
 _GRID_LIMIT = 65535  # CUDA grid y/z: heads and batch
+# Shared memory per CTA of the backward kernel, by head-dim bucket (bwd_smem_bytes in
+# csrc/attention/kernel_traits.h, which static_asserts these values).
+BWD_SMEM_BYTES = {64: 133120, 128: 148480}
 _warned: set[str] = set()
 
 
@@ -94,6 +97,13 @@ def kernel_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return f"batch {q.shape[0]} or heads {q.shape[1]} above {_GRID_LIMIT}"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "a GPU older than compute capability 8.0"
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_backward:
+        smem = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        needed = BWD_SMEM_BYTES[64 if head_dim <= 64 else 128]
+        if smem < needed:
+            return (f"training on this GPU ({smem} bytes of shared memory per block; the "
+                    f"backward kernel needs {needed})")
     return None
 
 
