@@ -46,6 +46,9 @@ def _config(**extra) -> dict:
 def _reference(config: dict, frozen=(), no_update_at=()) -> tuple[list[float], dict]:
     """One process, plain torch AdamW, the whole global batch per step."""
     cfg, ref, _ = gpt_pair()
+    if config.get("start_seed") is not None:
+        torch.manual_seed(config["start_seed"])
+        ref.load_state_dict(type(ref)(cfg).state_dict())
     for name in frozen:
         ref.get_parameter(name).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR,
@@ -111,6 +114,17 @@ def test_clipping_accumulation_schedule_and_frozen_parameters_over_three_ranks(t
     config = _config(state_dict=True, clip=0.5, accum=2, schedule=True, frozen=frozen)
     got = _run(3, config, tmp_path)
     losses, params = _reference(config, frozen)
+    assert_losses_close(got["losses"], losses)
+    assert_params_close(torch.load(tmp_path / "params.pt"), params)
+
+
+def test_checkpointing_kept_modules_inference_and_load_state_dict_over_two_ranks(tmp_path):
+    """Activation checkpointing (recomputation gathers again), a module kept on the device,
+    no_grad inference between steps, and load_state_dict of full tensors after wrapping
+    (each rank takes its parts)."""
+    config = _config(state_dict=True, checkpoint=True, keep=["ln_f"], eval=True, start_seed=5)
+    got = _run(2, config, tmp_path)
+    losses, params = _reference(config)
     assert_losses_close(got["losses"], losses)
     assert_params_close(torch.load(tmp_path / "params.pt"), params)
 
@@ -183,6 +197,15 @@ def test_a_damaged_part_makes_every_rank_refuse_the_load(tmp_path):
     for rank in range(2):
         text = (out / f"rank{rank}.log").read_text()
         assert "CheckpointError" in text and "chunk-00001.rank01.bin" in text, text[-2000:]
+
+
+def test_ranks_wrapping_with_different_options_are_refused(tmp_path):
+    config = _config(steps=1, rank_overrides={"1": {"max_grad_norm": 2.0}})
+    codes = run_ranks(2, config, tmp_path)
+    assert codes == [1, 1], logs(tmp_path)
+    for rank, other in ((0, 1), (1, 0)):
+        text = (tmp_path / f"rank{rank}.log").read_text()
+        assert f"rank {other} passed other wrap options than rank {rank}" in text, text[-2000:]
 
 
 @pytest.mark.parametrize("how", ["kill", "raise"])

@@ -37,6 +37,10 @@ def main() -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
 
     cfg, model, _ = gpt_pair(checkpoint=config.get("checkpoint", False))
+    start = None
+    if config.get("start_seed") is not None:  # loaded through load_state_dict after wrapping
+        torch.manual_seed(config["start_seed"])
+        start = type(model)(cfg).state_dict()
     for name in config.get("frozen", []):
         model.get_parameter(name).requires_grad_(False)
     dtype = getattr(torch, config.get("dtype", "float32"))
@@ -44,10 +48,13 @@ def main() -> None:
                             weight_decay=0.1, eps=1e-5)  # see EPS in test_sharded.py
     kwargs = dict(device="cpu", dtype=dtype, chunk_mb=config["chunk_mb"],
                   device_memory=config["device_memory"],
-                  max_grad_norm=config.get("clip"))
+                  max_grad_norm=config.get("clip"), keep_on_device=config.get("keep", ()))
+    kwargs.update(config.get("rank_overrides", {}).get(str(rank), {}))
     if config.get("host_memory"):
         kwargs.update(host_memory=config["host_memory"], nvme_dir=config["nvme_dir"])
     model, opt = hm.wrap(model, opt, **kwargs)
+    if start is not None:
+        model.load_state_dict(start)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
                  if config.get("schedule") else None)
 
@@ -91,6 +98,11 @@ def main() -> None:
             if scheduler is not None:
                 scheduler.step()
             skipped.append(opt.skipped_steps - before)
+            if config.get("eval"):  # inference between steps gathers chunks too
+                model.eval()
+                with torch.no_grad():
+                    model(idx[:1], tgt[:1])
+                model.train()
             if world > 1:
                 t = torch.tensor([total], dtype=torch.float64)
                 dist.all_reduce(t)
