@@ -333,3 +333,21 @@ def test_cuda_unsupported_inputs_fall_back_with_one_warning(monkeypatch):
     big = make_qkv((1, 2, 2, 16, 16, 160), dtype=torch.bfloat16, device="cuda", requires_grad=False)
     with pytest.warns(hm.HeteromemWarning, match="head_dim 160"):
         hm.ops.attention(*big)
+
+
+@pytest.mark.cuda
+def test_cuda_training_falls_back_where_the_backward_does_not_fit(monkeypatch):
+    """GPUs whose blocks cannot hold the backward's shared memory (sm_86/89) still run the
+    forward kernel for inference and train through SDPA, saying so."""
+    from heteromem.ops import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BWD_SMEM_BYTES", {64: 1 << 30, 128: 1 << 30})
+    monkeypatch.setattr(attention_module, "_warned", set())
+    q, k, v = make_qkv((1, 2, 2, 64, 64, 64), dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", hm.HeteromemWarning)
+        hm.ops.attention(q, k, v, causal=True)  # forward only: the kernel
+    with pytest.warns(hm.HeteromemWarning, match="training on this GPU"):
+        out = hm.ops.attention(q, k, v, causal=True)
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
