@@ -40,6 +40,7 @@ class ShardedChunkManager(ChunkManager):
         self.device_tier.reserve(self.reduce_bytes, "reducing gradients over the ranks",
                                  advice="raise device_memory or lower chunk_mb")
         self._reduce_buffer: torch.Tensor | None = None
+        self._part_copied = None  # CUDA event: the last reduced part has left the buffer
 
     def _reduce_buffers(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         if self._reduce_buffer is None:
@@ -70,10 +71,17 @@ class ShardedChunkManager(ChunkManager):
     # ------------------------------------------------------------------ gradients
 
     def _flush(self, chunk: Chunk) -> None:
-        """Sums this chunk's local gradients over the ranks (fp32) into each rank's part."""
+        """Sums this chunk's local gradients over the ranks (fp32) into each rank's part.
+
+        The first reduction of a step lands in the (zeroed) gradient part by an asynchronous
+        copy, waited for in `grads_home` before the norm and the update; a later one (a
+        gradient accumulated over backward passes) is added on the host."""
         local = [s for s in chunk.slots if s.grad_loc in ("device", "acc")]
         what = f"reducing the gradients of chunk {chunk.index}"
         full, part = self._reduce_buffers(chunk)
+        # NOTE: the previous flush's copy may still read the shared buffer.
+        self.copies.wait_for_device_use(self._part_copied)
+        first = not any(s.reduced for s in chunk.slots)
         full.zero_()
         had_device = any(s.grad_loc == "device" for s in local)
         for slot in local:
@@ -84,8 +92,13 @@ class ShardedChunkManager(ChunkManager):
                 full[slot.range].add_(chunk.acc[slot.range].to(self.device))
             slot.grad_loc, slot.reduced = None, True
         self.comm.reduce_scatter(part, full, what)
-        self._grad_shard(chunk).add_(part.to("cpu"))
-        self.copies.bytes_d2h += part.numel() * 4  # device tier -> host tier
+        if first:
+            self._part_copied = chunk.d2h_event = self.copies.d2h(self._grad_shard(chunk), part)
+        else:
+            self.copies.wait_for_host_use(chunk.d2h_event)
+            chunk.d2h_event = None
+            self.copies.bytes_d2h += part.numel() * 4  # device tier -> host tier
+            self._grad_shard(chunk).add_(part.to("cpu"))
         if chunk.acc is not None:  # only needed until the next flush: give the room back
             self.host_tier.release(chunk.used * 4)
             chunk.acc = None
@@ -94,6 +107,17 @@ class ShardedChunkManager(ChunkManager):
             chunk.device_stale = True
         if chunk.device_state is DeviceState.MIXED:
             chunk.move_device(DeviceState.PARAMS)
+
+    def grad_ready(self, slot: ParamSlot, grad: torch.Tensor) -> None:
+        """As on one rank; and once every parameter of the chunk has its gradient of this
+        backward pass, the chunk is reduced at once, so the collective overlaps the rest of
+        the backward instead of queueing at its end (every rank sees the gradients complete
+        in the same order: the same graph)."""
+        super().grad_ready(slot, grad)
+        chunk = slot.chunk
+        expected = [s for s in chunk.slots if s.trainable and s.group >= 0]
+        if expected and all(s.grad_loc in ("device", "acc") for s in expected):
+            self._flush(chunk)
 
     def _grad_shard(self, chunk: Chunk) -> torch.Tensor:
         if chunk.grad_shard is None:
