@@ -255,8 +255,11 @@ CUDA_SHAPES = [
 
 
 def within_twice_sdpa(kernel: torch.Tensor, sdpa: torch.Tensor, ref: torch.Tensor, what: str):
+    """Max error at most twice SDPA's; the floor (1e-4 of the largest value, an eighth of a bf16
+    ulp there) keeps a case where SDPA happens to be almost exact from failing on rounding."""
     err, bound = (kernel.float() - ref).abs().max().item(), (sdpa.float() - ref).abs().max().item()
-    assert err <= 2 * bound + 1e-5, f"{what}: max error {err:.3g} > 2 x SDPA's {bound:.3g}"
+    floor = 1e-4 * ref.abs().max().item() + 1e-6
+    assert err <= 2 * bound + floor, f"{what}: max error {err:.3g} > 2 x SDPA's {bound:.3g}"
 
 
 @pytest.mark.cuda
