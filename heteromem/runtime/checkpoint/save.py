@@ -234,8 +234,9 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
         if comm is None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # The other ranks wait for this one in _finish: tell them (it raises for all).
         _finish(root, tmp, manifest, {}, comm, error=f"{type(exc).__name__}: {exc}")
-        raise AssertionError("unreachable: _finish raises when a rank failed") from exc
+        raise
     except BaseException:
         if comm is None:
             shutil.rmtree(tmp, ignore_errors=True)
