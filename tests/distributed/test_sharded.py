@@ -183,6 +183,23 @@ def test_checkpoint_saved_at_two_ranks_resumes_at_three_and_at_one(tmp_path):
         assert_losses_close(got["losses"], first["losses"][3:])
 
 
+def test_a_rank_failing_to_write_its_part_fails_the_save_on_every_rank(tmp_path):
+    from heteromem.runtime.checkpoint import layout
+
+    ckpt = tmp_path / "ckpt"
+    config = _config(steps=3, save=dict(after=1, path=str(ckpt)),
+                     broken_save=dict(after=2, rank=1, path=str(ckpt)))
+    _run(2, config, tmp_path / "run")
+    reports = _reports(tmp_path / "run", 2)
+    for rep in reports:
+        (fault,) = rep["faults"]
+        assert "rank 1 could not write its part" in fault["message"]
+        assert "No space left" in fault["message"]
+    # The first save stays the published one, with nothing left of the failed one.
+    assert layout.read_latest(str(ckpt))["version"] == "v000001"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["LATEST", "v000001"]
+
+
 def test_a_damaged_part_makes_every_rank_refuse_the_load(tmp_path):
     ckpt = tmp_path / "ckpt"
     _run(2, _config(steps=2, save=dict(after=2, path=str(ckpt))), tmp_path / "save")

@@ -108,6 +108,18 @@ def main() -> None:
                 dist.all_reduce(t)
                 total = t.item() / world
             losses.append(total)
+            broken = config.get("broken_save")
+            if broken and step + 1 == broken["after"]:
+                if rank == broken["rank"]:  # this rank's disk is full
+                    from heteromem.runtime.checkpoint import save as save_module
+
+                    def full(path, parts):
+                        raise OSError(28, "No space left on device", path)
+                    save_module._write_file = full
+                try:
+                    hm.save_checkpoint(broken["path"], model, opt)
+                except RuntimeError as exc:
+                    faults.append(dict(step=step, errno=None, message=str(exc)))
             if config.get("save") and step + 1 == config["save"]["after"]:
                 # A flash save goes on in the background while the next steps train.
                 hm.save_checkpoint(config["save"]["path"], model, opt,
