@@ -16,11 +16,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define HM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define HM_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace heteromem {
 namespace attention {
