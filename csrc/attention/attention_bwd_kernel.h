@@ -190,11 +190,8 @@ __global__ void __launch_bounds__(BwdConfig<kHeadDim>::kThreads, 1)
 
   float acc_dk[1][Cfg::kDTiles][4];
   float acc_dv[1][Cfg::kDTiles][4];
-#pragma unroll
-  for (int dt = 0; dt < Cfg::kDTiles; ++dt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc_dk[0][dt][i] = acc_dv[0][dt][i] = 0.f;
-  }
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
   // dQ warp grid (see BwdConfig).
   const int dq_row0 = (warp % Cfg::kDqWarpsM) * 16;
   const int dq_col0 = (warp / Cfg::kDqWarpsM) * Cfg::kDqCols;
@@ -219,11 +216,7 @@ __global__ void __launch_bounds__(BwdConfig<kHeadDim>::kThreads, 1)
     // S^T = K Q^T for this warp's 16 keys x kBlockM queries; then P^T = exp2(S^T * scale *
     // log2 e - lse * log2 e), zero where masked.
     float s[1][Cfg::kQTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < Cfg::kQTiles; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[0][nt][i] = 0.f;
-    }
+    zero_acc(s);
     gemm_nt<1, Cfg::kQTiles, kHeadDim>(s, sK, key_row0, q_tile, sh.head_dim, lane);
     const bool need_mask = k0 + kBlockN > sh.len_k || (kCausal && k0 + kBlockN - 1 > m0 + diag);
 #pragma unroll
@@ -241,11 +234,7 @@ __global__ void __launch_bounds__(BwdConfig<kHeadDim>::kThreads, 1)
 
     // dP^T = V dO^T; dS^T = P^T (dP^T - dsum).
     float ds[1][Cfg::kQTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < Cfg::kQTiles; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ds[0][nt][i] = 0.f;
-    }
+    zero_acc(ds);
     gemm_nt<1, Cfg::kQTiles, kHeadDim>(ds, sV, key_row0, do_tile, sh.head_dim, lane);
 #pragma unroll
     for (int nt = 0; nt < Cfg::kQTiles; ++nt) {

@@ -89,14 +89,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   cp_async_commit();
 
   float acc_o[Cfg::kMTiles][Cfg::kDTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-    for (int dt = 0; dt < Cfg::kDTiles; ++dt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc_o[mt][dt][i] = 0.f;
-    }
-  }
+  zero_acc(acc_o);
   OnlineSoftmax<Cfg::kMTiles> softmax;
   softmax.init();
 
@@ -110,14 +103,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
     cp_async_commit();
 
     float s[Cfg::kMTiles][Cfg::kNTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
-      }
-    }
+    zero_acc(s);
     gemm_nt<Cfg::kMTiles, Cfg::kNTiles, kHeadDim>(s, sQ, warp_row0, sK, sh.head_dim, lane);
     // Only the blocks at the sequence end or crossing the diagonal (of the tile's first row)
     // hold masked pairs; the test is uniform over the CTA.

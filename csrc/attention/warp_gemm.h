@@ -11,6 +11,19 @@
 namespace heteromem {
 namespace attention {
 
+// Zeroes a fragment array of accumulators before a product starts into it.
+template <int kMTiles, int kNTiles>
+__device__ __forceinline__ void zero_acc(float (&acc)[kMTiles][kNTiles][4]) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    }
+  }
+}
+
 // acc[mt][nt] += A[a_row0 + 16 mt + i][k] * B[8 nt + j][k] summed over k < kDepth, where A and B
 // are both swizzled row-major tiles with kDepth columns (Q and K for S = Q K^T; K and Q for
 // S^T = K Q^T; V and dO for dP^T = V dO^T). k-steps at or past `depth_limit` (the real head dim
