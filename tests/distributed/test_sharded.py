@@ -43,7 +43,8 @@ def _config(**extra) -> dict:
     return config
 
 
-def _reference(config: dict, frozen=(), no_update_at=()) -> tuple[list[float], dict]:
+def _reference(config: dict, frozen=(), no_update_at=(), rows: slice | None = None
+               ) -> tuple[list[float], dict]:
     """One process, plain torch AdamW, the whole global batch per step."""
     cfg, ref, _ = gpt_pair()
     if config.get("start_seed") is not None:
@@ -62,8 +63,10 @@ def _reference(config: dict, frozen=(), no_update_at=()) -> tuple[list[float], d
     for idx, tgt in batches:
         total = 0.0
         for micro in range(accum):
-            rows = slice(micro * config["batch"], (micro + 1) * config["batch"])
-            loss = ref(idx[rows], tgt[rows]) / accum
+            take = slice(micro * config["batch"], (micro + 1) * config["batch"])
+            if rows is not None:
+                take = slice(take.start + rows.start, take.start + rows.stop)
+            loss = ref(idx[take], tgt[take]) / accum
             loss.backward()
             total += loss.item()
         if config.get("clip"):
@@ -216,6 +219,18 @@ def test_a_damaged_part_makes_every_rank_refuse_the_load(tmp_path):
     for rank in range(2):
         text = (out / f"rank{rank}.log").read_text()
         assert "CheckpointError" in text and "chunk-00001.rank01.bin" in text, text[-2000:]
+
+
+def test_a_process_group_of_one_rank_wraps_unsharded(tmp_path):
+    """process_group=<a group of one rank>: every rank trains a model of its own, on its own
+    rows, with no collectives."""
+    config = _config(steps=3, group_size=1, state_dict=True)
+    _run(2, config, tmp_path)
+    for rep in _reports(tmp_path, 2):
+        assert rep["world_size"] == 1 and rep["bytes_sent"] == 0
+    # Rank 0 trained alone on the first half of every global batch.
+    _, params = _reference(config, rows=slice(0, BATCH // 2))
+    assert_params_close(torch.load(tmp_path / "params.pt"), params)
 
 
 def test_ranks_wrapping_with_different_options_are_refused(tmp_path):

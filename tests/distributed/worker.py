@@ -50,6 +50,8 @@ def main() -> None:
                   device_memory=config["device_memory"],
                   max_grad_norm=config.get("clip"), keep_on_device=config.get("keep", ()))
     kwargs.update(config.get("rank_overrides", {}).get(str(rank), {}))
+    if config.get("group_size"):  # shard over subgroups of this size instead of the world
+        kwargs["process_group"], _ = dist.new_subgroups(config["group_size"])
     if config.get("host_memory"):
         kwargs.update(host_memory=config["host_memory"], nvme_dir=config["nvme_dir"])
     model, opt = hm.wrap(model, opt, **kwargs)
