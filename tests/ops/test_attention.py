@@ -293,7 +293,7 @@ def test_cuda_lse_and_blind_rows(causal):
     q, k, v = make_qkv((2, 4, 2, 150, 70, 64), dtype=torch.bfloat16, device="cuda",
                        requires_grad=False)
     out, lse = torch.ops.heteromem.attention_fwd(q, k, v, causal, 0.125)
-    _, _, ref_lse = oracle(q.cpu(), k.cpu(), v.cpu(), causal, 0.125, torch.zeros(1))
+    _, _, ref_lse = oracle(q.cpu(), k.cpu(), v.cpu(), causal, 0.125, torch.zeros(q.shape))
     assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse.cpu()[finite].double(), ref_lse[finite], rtol=0, atol=2e-2)
