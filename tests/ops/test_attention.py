@@ -7,6 +7,7 @@ dtype against a float32 reference, as flash-attention's tests do."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import subprocess
 import sys
@@ -20,6 +21,10 @@ import heteromem as hm
 from heteromem.ops import reference
 
 ROOT = Path(__file__).resolve().parents[2]
+# The module, not the function: heteromem.ops re-exports `attention`, which shadows the
+# submodule as an attribute of the package (so `from heteromem.ops import attention` and the
+# dotted path "heteromem.ops.attention._warned" both reach the function).
+attention_module = importlib.import_module("heteromem.ops.attention")
 
 # (batch, heads_q, heads_kv, len_q, len_k, head_dim)
 SHAPES = [
@@ -197,6 +202,14 @@ def test_meta_tensors_give_shapes_without_compute():
     assert hm.ops.attention(q, k, v, causal=True).shape == q.shape
 
 
+def test_cuda_tests_patch_the_module_not_the_function():
+    """The CUDA tests monkeypatch the wrapper's module state; `heteromem.ops.attention` as an
+    attribute of the package is the function, which has none of it."""
+    assert callable(hm.ops.attention) and attention_module is not hm.ops.attention
+    assert isinstance(attention_module._warned, set)
+    assert set(attention_module.BWD_SMEM_BYTES) == {64, 128}
+
+
 def test_generated_kernel_files_are_up_to_date():
     result = subprocess.run([sys.executable, str(ROOT / "csrc/attention/generate_kernels.py"),
                              "--check"], capture_output=True, text=True)
@@ -324,7 +337,7 @@ def test_cuda_strided_inputs_and_expanded_grad():
 
 @pytest.mark.cuda
 def test_cuda_unsupported_inputs_fall_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr("heteromem.ops.attention._warned", set())
+    monkeypatch.setattr(attention_module, "_warned", set())
     q, k, v = make_qkv((1, 2, 2, 16, 16, 32), dtype=torch.float32, device="cuda")
     with pytest.warns(hm.HeteromemWarning, match="dtype float32"):
         out = hm.ops.attention(q, k, v, causal=True)
@@ -342,8 +355,6 @@ def test_cuda_unsupported_inputs_fall_back_with_one_warning(monkeypatch):
 def test_cuda_training_falls_back_where_the_backward_does_not_fit(monkeypatch):
     """GPUs whose blocks cannot hold the backward's shared memory (sm_86/89) still run the
     forward kernel for inference and train through SDPA, saying so."""
-    from heteromem.ops import attention as attention_module
-
     monkeypatch.setattr(attention_module, "BWD_SMEM_BYTES", {64: 1 << 30, 128: 1 << 30})
     monkeypatch.setattr(attention_module, "_warned", set())
     q, k, v = make_qkv((1, 2, 2, 64, 64, 64), dtype=torch.bfloat16, device="cuda")
