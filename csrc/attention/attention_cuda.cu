@@ -26,6 +26,11 @@ using attention::Shape;
 using attention::TensorRef;
 
 constexpr float kLog2e = 1.4426950408889634f;
+// The kernels hold sequence positions in int and compute some up to one tile (at most 128
+// rows) past a length: ceil_div(len, block), a causal block's last row + len_k - len_q, the
+// keys of a partial last block. Lengths up to this bound keep all of them below INT_MAX.
+// heteromem/ops/attention.py (MAX_KERNEL_SEQ_LEN) falls back to SDPA above it.
+constexpr int64_t kMaxSeqLen = (1LL << 31) - 1 - 256;
 
 // The kernels copy rows in 16-byte chunks: the head dim must be contiguous and every row start
 // 16-byte aligned. Anything else (a transposed view, an odd storage offset, an expanded
@@ -61,6 +66,9 @@ void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
               ": the CUDA kernel takes head_dim a multiple of 8 up to 128, got ", head_dim);
   TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, op,
               ": batch and heads must each be at most 65535 (CUDA grid limit)");
+  TORCH_CHECK(q.size(2) <= kMaxSeqLen && k.size(2) <= kMaxSeqLen, op,
+              ": sequence lengths must be at most ", kMaxSeqLen, ", got ", q.size(2), " and ",
+              k.size(2));
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be finite and positive");
   const auto* props = at::cuda::getDeviceProperties(q.get_device());
   TORCH_CHECK(props->major >= 8, op, ": the CUDA kernel needs compute capability 8.0 or newer");
@@ -83,8 +91,6 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q_in, const Tensor& 
                                               const Tensor& v_in, bool causal, double scale) {
   check_inputs("attention_fwd", q_in, k_in, v_in, scale);
   TORCH_CHECK(k_in.size(2) > 0 || q_in.size(2) == 0, "attention_fwd: k has no keys");
-  TORCH_CHECK(q_in.size(2) < (1LL << 31) && k_in.size(2) < (1LL << 31),
-              "attention_fwd: sequence lengths must fit in int32");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   Tensor out = at::empty(q.sizes(), q.options());

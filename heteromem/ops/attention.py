@@ -25,6 +25,9 @@ _OP = "attention_fwd"
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MAX_KERNEL_HEAD_DIM = 128
 _GRID_LIMIT = 65535  # CUDA grid y/z: heads and batch
+# The kernels index sequence positions in int32, up to a tile past either length
+# (kMaxSeqLen in csrc/attention/attention_cuda.cu).
+MAX_KERNEL_SEQ_LEN = 2**31 - 1 - 256
 # Shared memory per CTA of the backward kernel, by head-dim bucket (bwd_smem_bytes in
 # csrc/attention/kernel_traits.h, which static_asserts these values).
 BWD_SMEM_BYTES = {64: 133120, 128: 148480}
@@ -95,6 +98,8 @@ def kernel_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
                 f"{MAX_KERNEL_HEAD_DIM})")
     if q.shape[0] > _GRID_LIMIT or q.shape[1] > _GRID_LIMIT:
         return f"batch {q.shape[0]} or heads {q.shape[1]} above {_GRID_LIMIT}"
+    if max(q.shape[2], k.shape[2]) > MAX_KERNEL_SEQ_LEN:
+        return f"sequence length {max(q.shape[2], k.shape[2])} above {MAX_KERNEL_SEQ_LEN}"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "a GPU older than compute capability 8.0"
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
