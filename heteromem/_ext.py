@@ -37,13 +37,19 @@ LOADED, LOAD_ERROR = _load()
 _warned: set[str] = set()
 
 
+def warn_once(seen: set[str], key: str, message: str, stacklevel: int = 2) -> None:
+    """Warns `message` (a HeteromemWarning) unless `key` is already in `seen`, the caller's
+    set of what it has said (one per module, so tests can reset it)."""
+    if key in seen:
+        return
+    seen.add(key)
+    warnings.warn(message, HeteromemWarning, stacklevel=stacklevel + 1)
+
+
 def warn_fallback(reason: str) -> None:
     """Warns once per distinct reason that ops run their pure-PyTorch reference."""
-    if reason in _warned:
-        return
-    _warned.add(reason)
-    warnings.warn(f"heteromem: using the pure-PyTorch reference ops, which are slower: {reason}",
-                  HeteromemWarning, stacklevel=3)
+    warn_once(_warned, reason, "heteromem: using the pure-PyTorch reference ops, which are "
+              f"slower: {reason}", stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,6 @@ results are SDPA's (a ``HeteromemWarning`` says so once per reason).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -43,11 +42,8 @@ def register(name: str = NAME) -> str:
 
 
 def _warn_once(reason: str) -> None:
-    if reason in _warned:
-        return
-    _warned.add(reason)
-    warnings.warn(f"heteromem attention: {reason}; that call uses transformers' SDPA attention",
-                  _ext.HeteromemWarning, stacklevel=3)
+    _ext.warn_once(_warned, reason, f"heteromem attention: {reason}; that call uses "
+                   "transformers' SDPA attention", stacklevel=3)
 
 
 def _sdpa_fallback_reason(attention_mask: torch.Tensor | None, dropout: float,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 
@@ -113,11 +112,9 @@ def kernel_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
 
 
 def _warn_once(reason: str) -> None:
-    if reason in _warned:
-        return
-    _warned.add(reason)
-    warnings.warn("heteromem.ops.attention: using scaled_dot_product_attention instead of the "
-                  f"fused kernel for {reason}", _ext.HeteromemWarning, stacklevel=3)
+    _ext.warn_once(_warned, reason, "heteromem.ops.attention: using "
+                   f"scaled_dot_product_attention instead of the fused kernel for {reason}",
+                   stacklevel=3)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
