@@ -21,7 +21,7 @@ import time
 import torch
 
 import heteromem as hm
-from heteromem.distributed.shard import shardable_capacity
+from heteromem.distributed.shard import reduce_buffer_bytes, shardable_capacity
 from heteromem.errors import format_bytes
 from heteromem.memory.nvme import staging_bytes
 from heteromem.models import GPT, GPTConfig
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         # Sharded, the device also holds the room to reduce one chunk's gradients in fp32.
         capacity = shardable_capacity(int(chunk_mb * 2**20) // torch.empty(
             (), dtype=dtype).element_size(), world)
-        budget += (capacity + capacity // world) * 4
+        budget += reduce_buffer_bytes(capacity, world)
     nvme = {}
     if args.nvme_dir is not None:
         # Host: parameters, fp32 gradient buffers and the staging pool; no optimizer state.

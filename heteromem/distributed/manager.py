@@ -21,6 +21,7 @@ import errno
 import torch
 
 from heteromem.distributed.comm import ShardGroup
+from heteromem.distributed.shard import owned_part, reduce_buffer_bytes
 from heteromem.memory.chunk import Chunk, DeviceState, ParamSlot
 from heteromem.memory.manager import ChunkManager
 
@@ -36,7 +37,7 @@ class ShardedChunkManager(ChunkManager):
         # room is reserved once, here: taken by eviction at each flush, it could only come
         # from evicting another chunk holding gradients, whose own flush would need it too.
         capacity = self.chunks[0].capacity if self.chunks else 0
-        self.reduce_bytes = (capacity + capacity // comm.world) * 4
+        self.reduce_bytes = reduce_buffer_bytes(capacity, comm.world)
         self.device_tier.reserve(self.reduce_bytes, "reducing gradients over the ranks",
                                  advice="raise device_memory or lower chunk_mb")
         self._reduce_buffer: torch.Tensor | None = None
@@ -52,21 +53,13 @@ class ShardedChunkManager(ChunkManager):
 
     # ------------------------------------------------------------------ residency
 
-    def _make_resident(self, chunk: Chunk) -> None:
-        self._wait_update(chunk)
-        if chunk.resident and not chunk.device_stale:
-            return
-        if not chunk.allocated:
-            self._allocate(chunk)
+    def _fill_device(self, chunk: Chunk) -> object:
+        """This rank's part to the slab, then every other rank's part gathered into it."""
         view = chunk.device_view()
         lo, hi = chunk.shard_lo, chunk.shard_hi
         self.copies.h2d(view[lo:hi], chunk.host[: chunk.host_len])
-        chunk.load_event = self.comm.all_gather_(view, lo, hi, f"gathering chunk {chunk.index}",
-                                                 stream=self.copies.stream)
-        if chunk.device_state is not DeviceState.LOADING:
-            chunk.move_device(DeviceState.LOADING)
-        chunk.device_stale = False
-        self._bind(chunk)
+        return self.comm.all_gather_(view, lo, hi, f"gathering chunk {chunk.index}",
+                                     stream=self.copies.stream)
 
     # ------------------------------------------------------------------ gradients
 
@@ -151,14 +144,14 @@ class ShardedChunkManager(ChunkManager):
     def grad_ranges(self, chunk: Chunk) -> list[tuple[ParamSlot, slice]]:
         """(slot, range in this rank's buffers) of each slot with a gradient that overlaps
         this rank's part of the chunk."""
-        out = []
-        for slot in chunk.slots:
-            if not slot.reduced:
-                continue
-            start = max(slot.offset, chunk.shard_lo)
-            stop = min(slot.offset + slot.numel, chunk.shard_hi)
-            if start < stop:
-                out.append((slot, slice(start - chunk.shard_lo, stop - chunk.shard_lo)))
+        return [(slot, part[0]) for slot in chunk.slots
+                if slot.reduced and (part := owned_part(chunk, slot)) is not None]
+
+    def full(self, chunk: Chunk, mine: torch.Tensor) -> torch.Tensor:
+        """Every rank's part gathered (on the CPU group: a collective, so every rank must ask
+        for the same chunks in the same order)."""
+        out = torch.empty(chunk.used, dtype=mine.dtype)
+        self.comm.gather_host(out, mine[: chunk.host_len], f"gathering chunk {chunk.index}")
         return out
 
     def sum_over_ranks(self, value: float) -> float:

@@ -26,6 +26,12 @@ def shardable_capacity(capacity: int, world: int) -> int:
     return _round_up(capacity, world * ALIGN)
 
 
+def reduce_buffer_bytes(capacity: int, world: int) -> int:
+    """Device bytes a rank reserves to reduce one chunk's gradients: the chunk's fp32 sum and
+    this rank's fp32 part of it."""
+    return (capacity + capacity // world) * 4
+
+
 def shard_chunks(chunks: list[Chunk], rank: int, world: int) -> None:
     """Pads each chunk and records which part of it this rank owns."""
     for chunk in chunks:
@@ -47,8 +53,7 @@ def owned_ranges(chunk: Chunk) -> Iterator[tuple[ParamSlot, slice, slice]]:
 def owned_part(chunk: Chunk, slot: ParamSlot) -> tuple[slice, slice] | None:
     """(range in this rank's host buffers, range in the flat parameter) of the part of
     `slot` this rank owns; None when it owns none of it."""
-    lo = chunk.shard_lo
-    hi = chunk.used if chunk.shard_hi is None else chunk.shard_hi
+    lo, hi = chunk.shard_lo, chunk.shard_lo + chunk.host_len
     start, stop = max(slot.offset, lo), min(slot.offset + slot.numel, hi)
     if start >= stop:
         return None

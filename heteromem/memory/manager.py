@@ -142,10 +142,14 @@ class ChunkManager:
             self._activate_acc(chunk)
         if not chunk.allocated:
             self._allocate(chunk)
-        chunk.load_event = self.copies.h2d(chunk.device_view(), chunk.host[: chunk.used])
+        chunk.load_event = self._fill_device(chunk)
         chunk.move_device(DeviceState.LOADING)
         chunk.device_stale = False
         self._bind(chunk)
+
+    def _fill_device(self, chunk: Chunk) -> object:
+        """Starts filling the chunk's slab with its values; returns the copy's event."""
+        return self.copies.h2d(chunk.device_view(), chunk.host[: chunk.used])
 
     def _allocate(self, chunk: Chunk) -> None:
         self.make_room(self.memory.slab_bytes, f"chunk {chunk.index}", exclude=chunk)
@@ -367,6 +371,11 @@ class ChunkManager:
         """The chunk's current parameter values in the compute dtype: the device copy when its
         optimizer state lives there (the host copy is not kept then), else the host buffer."""
         return chunk.device_view() if chunk.states_on_device else chunk.host[: chunk.host_len]
+
+    def full(self, chunk: Chunk, mine: torch.Tensor) -> torch.Tensor:
+        """A host tensor of this rank's (`mine`: host_len elements) as the whole chunk,
+        indexable by `slot.range`: itself on one rank."""
+        return mine
 
     def grad_ranges(self, chunk: Chunk) -> list[tuple[ParamSlot, slice]]:
         """(slot, range in the gradient source and state buffers) of each slot with a

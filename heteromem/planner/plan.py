@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from heteromem.distributed.shard import reduce_buffer_bytes
 from heteromem.errors import format_bytes
 from heteromem.memory.manager import PREFETCH_CHUNKS
 from heteromem.memory.nvme import staging_bytes
@@ -141,7 +142,7 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
                      "preset)")
     # Sharded (gpus > 1): reducing one chunk's gradients needs its fp32 sum and the rank's
     # part on the device (wrap reserves that room once).
-    reduce = chunk_elems * 4 + math.ceil(chunk_elems / gpus) * 4 if gpus > 1 else 0
+    reduce = reduce_buffer_bytes(chunk_elems, gpus) if gpus > 1 else 0
     device_fixed = working * chunk_bytes + acts + CUDA_RESERVE + reduce
 
     # Optimizer state per parameter: fp32 master (the parameter itself in fp32), 2 moments.

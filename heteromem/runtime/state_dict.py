@@ -36,15 +36,9 @@ class _Masters:
     def get(self, chunk) -> torch.Tensor:
         if chunk is not self.chunk:
             mine = self.manager.states(chunk)[0] if chunk.trainable else chunk.host
-            comm = getattr(self.manager, "comm", None)
             self.chunk = chunk
             self.master = None  # drop the previous chunk first
-            if comm is None:
-                self.master = mine
-            else:
-                full = torch.empty(chunk.used, dtype=mine.dtype)
-                comm.gather_host(full, mine[: chunk.host_len], f"gathering chunk {chunk.index}")
-                self.master = full
+            self.master = self.manager.full(chunk, mine)
         return self.master
 
 

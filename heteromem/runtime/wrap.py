@@ -281,7 +281,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     kept = {id(slot_of[id(p)].chunk) for n in keep_on_device for p in modules[n].parameters()}
     # Sharded, reducing a chunk's gradients needs its fp32 sum and this rank's part on the
     # device for a moment.
-    reduce_bytes = 0 if comm is None else (capacity + capacity // comm.world) * 4
+    reduce_bytes = 0 if comm is None else sharding.reduce_buffer_bytes(capacity, comm.world)
     _check_working_set(model, slots_by_module, len(kept), slab_bytes, device_budget,
                        reduce_bytes)
 
