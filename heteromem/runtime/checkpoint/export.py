@@ -52,16 +52,18 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
     if comm is None:
         path = _check_path(path)
     else:
+        # Rank 0 writes: its check of the path decides for every rank.
         error = None
         try:
             path = _check_path(path) if comm.rank == 0 else None
         except (TypeError, ValueError) as exc:
-            error = str(exc)
-            if comm.agree(error, "export_safetensors: checking the path"):
-                raise
-        error = comm.agree(error, "export_safetensors: checking the path")
+            error = exc
+        reason = comm.agree(None if error is None else str(error),
+                            "export_safetensors: checking the path")
         if error is not None:
-            raise ValueError(f"export_safetensors: {error}")
+            raise error
+        if reason is not None:
+            raise ValueError(f"export_safetensors: {reason}")
     if path is None:  # a rank other than 0: take part in the gathers, write nothing
         _stream(state, _entries(model), None)
         return
