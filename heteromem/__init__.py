@@ -7,7 +7,7 @@ Importing heteromem never initialises CUDA and never compiles anything; see
 from heteromem._ext import BuildInfo, HeteromemWarning, build_info
 from heteromem._version import __version__
 from heteromem import ops
-from heteromem.errors import DistributedError, OutOfMemory
+from heteromem.errors import DistributedError, OutOfMemory, StepInBackwardError
 from heteromem.runtime.checkpoint import (CheckpointError, export_safetensors, load_checkpoint,
                                           save_checkpoint, wait_checkpoint)
 from heteromem.planner import Plan, plan
@@ -17,4 +17,4 @@ from heteromem.runtime.wrap import wrap
 __all__ = ["BuildInfo", "CheckpointError", "DistributedError", "HeteromemWarning", "OutOfMemory", "Report",
            "Plan", "__version__", "build_info", "export_safetensors", "load_checkpoint", "ops", "plan",
            "report",
-           "save_checkpoint", "wait_checkpoint", "wrap"]
+           "save_checkpoint", "StepInBackwardError", "wait_checkpoint", "wrap"]

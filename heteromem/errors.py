@@ -29,3 +29,8 @@ def format_bytes(n: int | float) -> str:
 
 class DistributedError(RuntimeError):
     """A collective of a sharded model failed: another rank died, raised, or timed out."""
+
+
+class StepInBackwardError(RuntimeError):
+    """A training loop broke the contract of `hm.wrap(step_in_backward=True)`: every backward
+    pass is followed by `opt.step()`, with the same gradient pattern as the step before."""

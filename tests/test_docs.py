@@ -47,7 +47,8 @@ def test_troubleshooting_covers_every_error_family():
     families = ["hm.wrap", "hm.OutOfMemory", "ulimit -l", "NVMe tier", "save_checkpoint",
                 "load_checkpoint", "background checkpoint save", "export_safetensors",
                 "hm.plan", "adam_step_", "IoEngine", "Report.plot", "IllegalTransition",
-                "heteromem._C could not be loaded", "load_state_dict", "hm.DistributedError"]
+                "heteromem._C could not be loaded", "load_state_dict", "hm.DistributedError",
+                "hm.StepInBackwardError"]
     assert not [f for f in families if f not in text]
 
 

@@ -269,11 +269,15 @@ class ChunkManager:
             chunk.move_device(DeviceState.PARAMS)
 
     def end_backward(self) -> None:
-        """Sends every gradient still on the device home (grads are complete per backward),
-        except those of chunks whose optimizer state is on the device: they are used there."""
+        """Sends every gradient still on the device home (grads are complete per backward)."""
         for chunk in self.chunks:
-            if chunk.device_state is DeviceState.MIXED and not chunk.states_on_device:
-                self._flush(chunk)
+            self.send_home(chunk)
+
+    def send_home(self, chunk: Chunk) -> None:
+        """Starts copying the chunk's gradients on the device home, unless its optimizer
+        state is on the device: they are used there."""
+        if chunk.device_state is DeviceState.MIXED and not chunk.states_on_device:
+            self._flush(chunk)
 
     def _flush(self, chunk: Chunk) -> None:
         """Device gradients -> host. The whole chunk is copied into the host buffer when it

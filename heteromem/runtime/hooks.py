@@ -15,6 +15,8 @@
   outside the chunks.
 - At the end of each backward pass (an autograd engine callback) the remaining pins of that
   pass are dropped and gradients still on the device are sent home.
+- With `step_in_backward`, each gradient is also counted, and a chunk whose gradients are
+  complete is updated at once (`StepInBackward`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.manager import ChunkManager
+from heteromem.runtime.backward_step import StepInBackward
 
 
 def _graph_task() -> int:
@@ -61,6 +64,7 @@ class Hooks:
         self.first_use: list[ParamSlot] | None = []
         self._first_use_seen: set[int] = set()
         self.on_first_use_order = None
+        self.in_backward: StepInBackward | None = None  # set by wrap with step_in_backward
         self.handles: list[Any] = []
         self.handles.append(root.register_forward_pre_hook(self._root_pre_forward, prepend=True))
         for module, slots in slots_by_module.items():
@@ -82,6 +86,8 @@ class Hooks:
     def _root_pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         if _graph_task() != -1:  # a recomputation inside backward, not a new forward
             return
+        if self.in_backward is not None and torch.is_grad_enabled():
+            self.in_backward.before_forward()
         # Before re-packing: its moves belong to the iteration that runs with the new layout.
         self.manager.timeline.new_iteration()
         if self.first_use and self.on_first_use_order is not None:
@@ -165,12 +171,16 @@ class Hooks:
     def _grad_hook(self, param: torch.nn.Parameter) -> None:
         slot = self.slot_of[id(param)]
         self._ensure_end_callback(_graph_task())
+        if self.in_backward is not None:
+            self.in_backward.before_grad(slot)
         self.manager.grad_ready(slot, param.grad)
         param.grad = None
         for call in self._calls_by_slot.pop(id(slot), []):
             call.waiting.discard(id(slot))
             if not call.waiting:
                 self._unpin(call)
+        if self.in_backward is not None:
+            self.in_backward.after_grad(slot)
 
     def _end_backward(self, task: int) -> None:
         self._tasks_with_callback.discard(task)

@@ -5,13 +5,14 @@ is home by then; it then queues one fused Adam update per chunk, in the order th
 uses the chunks, on a worker thread, and returns. The next forward's hooks wait only for the
 chunks they need, so the first layers compute while later chunks are still being updated.
 Hyper-parameters are read from `param_groups` when `step()` is called, so LR schedulers work.
+With `step_in_backward` (see backward_step.py) a chunk's update is queued as soon as its
+gradients are complete during backward, and `step()` queues only the chunks left.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,9 @@ import torch
 import heteromem.ops as hm_ops
 from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
 from heteromem.memory.manager import ChunkManager
+from heteromem.runtime.backward_step import StepInBackward
 from heteromem.runtime.scaler import LossScaler
+from heteromem.runtime.update_queue import UpdateQueue
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class HeteroAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: list[dict], manager: ChunkManager, slots: list[ParamSlot],
-                 *, adamw: bool, max_grad_norm: float | None, scaler: LossScaler | None) -> None:
+                 *, adamw: bool, max_grad_norm: float | None, scaler: LossScaler | None,
+                 step_in_backward: bool = False) -> None:
         defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         super().__init__(param_groups, defaults)
         self.manager = manager
@@ -52,7 +56,10 @@ class HeteroAdam(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self._grads_scaled_by = 1.0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteromem-adam")
+        self._worker = UpdateQueue()
+        # Set when every backward pass is a step: updates then start during backward.
+        self.in_backward = StepInBackward(self) if step_in_backward else None
+        self._order: dict[int, int] = {}  # chunk index -> place in the forward order
         # The global gradient norm of the last step (before clipping), when clipping or fp16
         # loss scaling needed it; None otherwise.
         self.last_grad_norm: float | None = None
@@ -70,6 +77,8 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discards gradients gathered since the last step (parameters keep no `.grad`)."""
+        if self.in_backward is not None:
+            self.in_backward.before_zero_grad()
         self.manager.grads_home()
         for chunk in self._chunks():
             self._discard(chunk)
@@ -104,14 +113,15 @@ class HeteroAdam(torch.optim.Optimizer):
             self.skipped_steps += 1
             for chunk in chunks:
                 self._discard(chunk)
+            self._step_done()
             return loss
         grad_scale = divisor
         if self.max_grad_norm is not None and math.isfinite(norm):
             # As torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
             # (A non-finite norm is not clipped: the update propagates inf/nan as torch would.)
             grad_scale = divisor / min(1.0, self.max_grad_norm / (norm + 1e-6))
-        order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
-        chunks.sort(key=lambda c: order.get(c.index, len(order) + c.index))
+        self._order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
+        chunks.sort(key=self._priority)
         runs = {id(c): self._runs(c) for c in chunks}
         # States on NVMe first, synchronously and all or nothing: if a read or write fails,
         # nothing of the model or optimizer has changed yet (see `_nvme_failed`).
@@ -127,23 +137,56 @@ class HeteroAdam(torch.optim.Optimizer):
         if self.scaler is not None:
             self.scaler.update(False)
         for chunk in chunks:
-            for slot in chunk.slots:
-                if slot.has_grad and slot.group >= 0:
-                    slot.step += 1
-                slot.grad_loc, slot.reduced = None, False
+            self._count_step(chunk)
         for chunk in on_nvme:
             self._finish(chunk, sources[id(chunk)])
         for chunk in chunks:
-            if chunk.nvme is not None:
-                continue
-            chunk.move_host(HostState.UPDATING)
-            if chunk.states_on_device:
-                # GPU Adam, queued on the current stream: nothing to wait for on the host.
-                self._update(chunk, sources[id(chunk)], runs[id(chunk)], grad_scale)
-            else:
-                chunk.update = self._worker.submit(self._update, chunk, sources[id(chunk)],
-                                                   runs[id(chunk)], grad_scale)
+            if chunk.nvme is None:
+                self._launch(chunk, sources[id(chunk)], runs[id(chunk)], grad_scale)
+        self._step_done()
         return loss
+
+    def update_during_backward(self, chunk: Chunk) -> None:
+        """Queues the update of a chunk whose gradients of this step are complete
+        (step_in_backward): gradients still on the device are copied home first, and the
+        worker waits for that copy, not the training thread."""
+        manager = self.manager
+        manager.send_home(chunk)
+        landed, chunk.d2h_event = chunk.d2h_event, None
+        source = manager.grad_source(chunk)
+        runs = self._runs(chunk)
+        self._count_step(chunk)
+        self._launch(chunk, source, runs, float(manager.grad_divisor), landed)
+
+    def _step_done(self) -> None:
+        if self.in_backward is not None:
+            self.in_backward.step_taken()
+
+    def _priority(self, chunk: Chunk) -> int:
+        """The chunk's place in the forward order as of the last step (chunks the trace had
+        not seen go last)."""
+        return self._order.get(chunk.index, len(self._order) + chunk.index)
+
+    @staticmethod
+    def _count_step(chunk: Chunk) -> None:
+        """The update of `chunk` is committed: its parameters' step counts move on and its
+        gradients are consumed."""
+        for slot in chunk.slots:
+            if slot.has_grad and slot.group >= 0:
+                slot.step += 1
+            slot.grad_loc, slot.reduced = None, False
+
+    def _launch(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
+                landed: object = None) -> None:
+        """Starts the update of a host- or device-state chunk (not NVMe). `landed`: the CUDA
+        event of the copy that brought its gradients home, if not yet waited for."""
+        chunk.move_host(HostState.UPDATING)
+        if chunk.states_on_device:
+            # GPU Adam, queued on the current stream: nothing to wait for on the host.
+            self._update(chunk, source, runs, grad_scale)
+        else:
+            chunk.update = self._worker.submit(self._priority(chunk), self._update, chunk,
+                                               source, runs, grad_scale, landed)
 
     def _nvme_failed(self, chunks: list[Chunk], on_nvme: list[Chunk], err: OSError) -> None:
         """Puts everything back as it was before the step (the files still hold the old
@@ -267,7 +310,9 @@ class HeteroAdam(torch.optim.Optimizer):
             chunk.move_host(HostState.PARAMS)
 
     def _update(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run],
-                grad_scale: float) -> None:
+                grad_scale: float, landed: object = None) -> None:
+        if landed is not None:
+            landed.synchronize()
         self._apply(chunk, source, runs, grad_scale, chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
         self._finish(chunk, source)
 

@@ -196,7 +196,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          host_memory: object = None, nvme_dir: object = None, chunk_mb: float | None = None,
          keep_on_device: Iterable[str] = (), max_grad_norm: float | None = None,
          nvme_staging: object = None, process_group: object = None,
-         **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
+         step_in_backward: bool = False, **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
     """Wraps `model` so its training state lives in chunks paged between device and host.
 
     Returns the same module (hooks installed, parameters now views into chunks while in use)
@@ -204,6 +204,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     no trainable parameters. See DESIGN.md section 1 for every argument; `nvme_staging`
     (bytes or a size string) bounds the host buffers that stream states to and from
     `nvme_dir` (default: room for 4 chunks' states; at least 2).
+
+    `step_in_backward=True` declares that every backward pass is followed by `opt.step()`
+    (no gradient accumulation), so each chunk's update starts during backward as soon as its
+    gradients are complete, instead of after the whole backward (docs/wrap.md). Clipping and
+    fp16 loss scaling need every gradient before any update, so they cannot be combined with
+    it, nor can optimizer states on NVMe or sharding over ranks.
 
     When torch.distributed is initialised with more than one rank (or `process_group` is
     given), every chunk is sharded over the ranks (ZeRO-3 style, see docs/distributed.md):
@@ -227,6 +233,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         raise ValueError("hm.wrap: nvme_staging is given but nvme_dir is not; set nvme_dir too")
     chunk_mb = _check_positive("chunk_mb", chunk_mb)
     max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
+    _check_step_in_backward(step_in_backward, max_grad_norm, dtype)
     if isinstance(keep_on_device, str):
         keep_on_device = (keep_on_device,)
     modules = dict(model.named_modules())
@@ -259,6 +266,9 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         capacity = sharding.shardable_capacity(capacity, comm.world)
     chunks = pack([(n, p, p.shape) for n, p in named], capacity, dtype, group_of)
     if comm is not None:
+        if step_in_backward:
+            raise ValueError("hm.wrap: step_in_backward=True is not supported when the model is "
+                             f"sharded over {comm.world} ranks; leave it False")
         sharding.shard_chunks(chunks, comm.rank, comm.world)
         sharding.check_same_model(comm, chunks, dict(
             dtype=str(dtype), device=dev.type, device_memory=device_budget,
@@ -295,6 +305,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                           "raise host_memory, or set nvme_dir so optimizer states that do not fit "
                           "go to NVMe", what="parameters and optimizer states")
     if on_nvme:
+        if step_in_backward:
+            raise ValueError(
+                f"hm.wrap: step_in_backward=True, but the optimizer states of {len(on_nvme)} "
+                "chunk(s) do not fit host_memory and go to nvme_dir, whose step is all or "
+                "nothing and so runs in opt.step(); raise host_memory so every state fits the "
+                "host, or leave step_in_backward False")
         check_nvme_dir(nvme_dir, len(on_nvme) * file_bytes(host_capacity))
 
     buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
@@ -324,7 +340,9 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             g["params"] = [p for p in g["params"] if p.requires_grad]
         opt = HeteroAdam([g for g in groups if g["params"]], manager, trainable, adamw=adamw,
                          max_grad_norm=max_grad_norm,
-                         scaler=LossScaler() if dtype == torch.float16 else None)
+                         scaler=LossScaler() if dtype == torch.float16 else None,
+                         step_in_backward=step_in_backward)
+        hooks.in_backward = opt.in_backward
         # Param group indices may have shifted after dropping empty groups.
         index_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         for s in trainable:
@@ -334,6 +352,23 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     model._heteromem = state
     install_state_dict_methods(model, state)
     return model, opt
+
+
+def _check_step_in_backward(step_in_backward: object, max_grad_norm: float | None,
+                            dtype: torch.dtype) -> None:
+    if not isinstance(step_in_backward, bool):
+        raise TypeError(f"hm.wrap: step_in_backward must be True or False, got "
+                        f"{type(step_in_backward).__name__}")
+    if not step_in_backward:
+        return
+    if max_grad_norm is not None:
+        raise ValueError("hm.wrap: step_in_backward=True cannot clip (max_grad_norm="
+                         f"{max_grad_norm}): clipping needs the norm of every gradient before "
+                         "the first update; drop one of the two")
+    if dtype == torch.float16:
+        raise ValueError("hm.wrap: step_in_backward=True cannot be used with dtype=torch.float16: "
+                         "loss scaling must see every gradient (overflow) before the first "
+                         "update; use torch.bfloat16 or torch.float32")
 
 
 def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunks: int,

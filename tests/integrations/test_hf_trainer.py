@@ -165,3 +165,30 @@ def test_trainer_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="bf16"):
         HeteromemTrainer(model=model, args=_args(tmp_path, max_grad_norm=0.0, bf16=True),
                          train_dataset=data)
+
+
+def test_step_in_backward_trains_like_plain_trainer_without_accumulation(tmp_path):
+    """Every backward pass is a step: no accumulation, no clipping, on both sides."""
+    plain = dict(gradient_accumulation_steps=1, max_grad_norm=0.0)
+    torch.manual_seed(0)
+    ref = _llama()
+    ref_args = _args(tmp_path / "ref", **plain)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    reference = transformers.Trainer(model=ref, args=ref_args, train_dataset=_Tokens(),
+                                     optimizers=(ropt, _schedule(ropt, ref_args)))
+    reference.train()
+    torch.manual_seed(0)
+    model, opt = _wrap(_llama(), step_in_backward=True)
+    args = _args(tmp_path / "hm", **plain)
+    trainer = HeteromemTrainer(model=model, args=args, train_dataset=_Tokens(),
+                               optimizers=(opt, _schedule(opt, args)))
+    trainer.train()
+    assert_losses_close(_logged(trainer, "loss"), _logged(reference, "loss"))
+    assert opt.in_backward.chunks_updated > 0
+    for overrides, what in ((dict(gradient_accumulation_steps=2, max_grad_norm=0.0),
+                             "gradient_accumulation_steps"),
+                            (dict(gradient_accumulation_steps=1, max_grad_norm=1.0),
+                             "max_grad_norm")):
+        with pytest.raises(ValueError, match=f"step_in_backward.*{what}"):
+            HeteromemTrainer(model=model, args=_args(tmp_path / "x", **overrides),
+                             train_dataset=_Tokens(), optimizers=(opt, None))

@@ -1,0 +1,117 @@
+"""`hm.wrap(..., step_in_backward=True)`: each chunk's update starts during backward.
+
+Without it, `opt.step()` starts the updates once the whole backward is done, because clipping
+and the fp16 overflow check need the global norm first and gradient accumulation may add more
+gradients. A user who declares that every backward pass is a step, with neither clipping nor
+fp16, lets the CPU Adam of the last layers run while autograd is still on the first ones.
+
+When is a chunk's gradient complete? A parameter normally gets one gradient per backward, but
+one used by several reentrant checkpoint segments gets one per segment. So the count each
+parameter got in the previous step is the expectation for this one: a chunk is updated as soon
+as every trainable parameter in it has received that many (and at least one) gradients. A chunk
+with a parameter that got none last step, or more than expected now, waits for `opt.step()`.
+The first step has no expectation and runs entirely in `opt.step()`.
+
+The contract is checked: a gradient arriving for a chunk already updated in this backward, a
+new forward (with autograd on) between a backward and `opt.step()` (gradient accumulation),
+and `opt.zero_grad()` after updates have begun each raise, naming what to change. The chunks
+updated by then stay updated (each one whole, with its step count): nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from heteromem.errors import StepInBackwardError
+from heteromem.memory.chunk import ParamSlot
+
+if TYPE_CHECKING:
+    from heteromem.runtime.optimizer import HeteroAdam
+
+
+class StepInBackward:
+    def __init__(self, optimizer: HeteroAdam) -> None:
+        self.optimizer = optimizer
+        # id(slot) -> gradients received: in the last step (the expectation), in this one.
+        self._expected: dict[int, int] = {}
+        self._received: dict[int, int] = {}
+        # id(chunk) -> gradients it still expects in this step; absent: not updated early.
+        self._remaining: dict[int, int] = {}
+        self._updated: set[int] = set()  # id(chunk) updated during this step's backward
+        self.chunks_updated = 0          # over the whole run (tests, NOTES)
+        # A gradient came for a chunk already updated: this step's backward was aborted, and
+        # zero_grad() may drop what is left of it.
+        self._broken = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_forward(self) -> None:
+        """A forward with autograd on: refused once this step has gradients."""
+        if self._received:
+            raise StepInBackwardError(
+                "heteromem: a new forward with gradients enabled started before opt.step(), "
+                "but the model was wrapped with step_in_backward=True, where every backward "
+                "pass is a whole optimizer step: call opt.step() after each backward, or wrap "
+                "with step_in_backward=False to accumulate gradients over several passes "
+                "(run evaluation forwards under torch.no_grad())")
+
+    def before_grad(self, slot: ParamSlot) -> None:
+        if id(slot.chunk) in self._updated:
+            self._broken = True
+            raise StepInBackwardError(
+                f"heteromem: parameter {slot.name!r} got a gradient after its chunk was "
+                "already updated in this backward pass (step_in_backward=True expects each "
+                "parameter to get as many gradients per step as in the step before, e.g. from "
+                "the same checkpointed segments). The chunks updated so far keep their update; "
+                "call opt.zero_grad() to drop the rest of this step, and wrap with "
+                "step_in_backward=False for a model whose gradient pattern changes")
+
+    def after_grad(self, slot: ParamSlot) -> None:
+        if slot.group < 0:
+            return
+        key = id(slot)
+        received = self._received[key] = self._received.get(key, 0) + 1
+        chunk = slot.chunk
+        left = self._remaining.get(id(chunk))
+        if left is None:
+            return
+        if received > self._expected.get(key, 0):
+            del self._remaining[id(chunk)]  # more than last step: wait for opt.step()
+            return
+        self._remaining[id(chunk)] = left - 1
+        if left == 1:
+            del self._remaining[id(chunk)]
+            self.optimizer.update_during_backward(chunk)
+            self._updated.add(id(chunk))
+            self.chunks_updated += 1
+
+    # ------------------------------------------------------------------ optimizer
+
+    def before_zero_grad(self) -> None:
+        if self._updated and not self._broken:
+            raise StepInBackwardError(
+                f"heteromem: opt.zero_grad() was called after {len(self._updated)} chunk(s) "
+                "were already updated during this backward pass (step_in_backward=True), and "
+                "an update cannot be taken back: call opt.step() to finish the step first, or "
+                "wrap with step_in_backward=False to be able to drop a step's gradients")
+        if self._broken:
+            self._expected = {}  # the gradient pattern changed: learn it again in one step
+        self._received.clear()
+        self._updated = set()
+        self._broken = False
+        self._arm()
+
+    def step_taken(self) -> None:
+        """`opt.step()` ran: this step's gradient counts are the next step's expectation."""
+        self._expected, self._received = self._received, {}
+        self._updated = set()
+        self._broken = False
+        self._arm()
+
+    def _arm(self) -> None:
+        self._remaining = {}
+        for chunk in self.optimizer._chunks():
+            counts = [self._expected.get(id(s), 0) for s in chunk.slots
+                      if s.trainable and s.group >= 0]
+            if counts and min(counts) >= 1:
+                self._remaining[id(chunk)] = sum(counts)
