@@ -1,7 +1,7 @@
 """Where a wrapped training step spends its time: the bench_wrap GPT trained plainly and
 wrapped, each phase (forward / backward / step + zero_grad) timed with a synchronisation
-around it, the unsynchronised steady-state step, hm.report, and a torch.profiler table of two
-wrapped steps (chrome trace in $OUT or /tmp). For a GPU session:
+around it, the unsynchronised steady-state step (also with step_in_backward=True), hm.report,
+and a torch.profiler table of two wrapped steps (chrome trace in $OUT or /tmp). For a GPU session:
 
     python3 bench/profile_wrap.py            # ~40 s on an H200 after the build
 
@@ -53,6 +53,18 @@ sync(); t = time.perf_counter()
 for _ in range(5):
     model(batch[:, :-1], batch[:, 1:]).backward(); opt.step(); opt.zero_grad()
 sync(); print("wrapped unsynced step ms %.1f" % ((time.perf_counter() - t) / 5 * 1e3))
+# The same with updates starting during backward (phases cannot be timed apart: they overlap).
+early, eopt = hm.wrap(copy.deepcopy(base), lr=1e-4, device=dev, dtype=torch.bfloat16,
+                      device_memory=budget, chunk_mb=chunk_bytes / 2**20, step_in_backward=True)
+for _ in range(3):
+    early(batch[:, :-1], batch[:, 1:]).backward(); eopt.step(); eopt.zero_grad()
+sync(); t = time.perf_counter()
+for _ in range(5):
+    early(batch[:, :-1], batch[:, 1:]).backward(); eopt.step(); eopt.zero_grad()
+sync(); print("step_in_backward unsynced step ms %.1f (%d chunk updates started in backward)"
+              % ((time.perf_counter() - t) / 5 * 1e3, eopt.in_backward.chunks_updated))
+print(hm.report(early))
+del early, eopt
 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
 with torch.profiler.profile(activities=acts) as prof:
     for _ in range(2):

@@ -30,6 +30,14 @@ def test_demo_without_matplotlib_still_trains(tmp_path, capsys, monkeypatch):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_demo_at_a_tiny_width_in_low_precision_trains(dtype):
+    """A model of a few chunks: the budget floor keeps the chunks a step pins at once (the
+    tied embedding's and the position embedding's, through the end of the backward)."""
+    tiny = [a if a != "fp32" else dtype for a in TINY]
+    assert main(tiny + ["--no-plot"]) == 0
+
+
 def test_demo_no_plot_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(TINY + ["--no-plot"]) == 0
