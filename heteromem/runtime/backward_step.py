@@ -108,6 +108,13 @@ class StepInBackward:
         self._broken = False
         self._arm()
 
+    def forget(self) -> None:
+        """The chunks and slots were re-packed (new objects): the counts, keyed by the old
+        ones, are dropped, and the next step learns them again in opt.step()."""
+        self._expected, self._received, self._remaining = {}, {}, {}
+        self._updated = set()
+        self._broken = False
+
     def _arm(self) -> None:
         self._remaining = {}
         for chunk in self.optimizer._chunks():

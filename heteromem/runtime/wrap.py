@@ -162,6 +162,8 @@ class WrapState:
                                       for mod, slots in self.hooks.slots_by_module.items()}
         if self.optimizer is not None:
             self.optimizer.slots = [s for s in self.slots if s.trainable]
+            if self.optimizer.in_backward is not None:
+                self.optimizer.in_backward.forget()
 
     def report(self) -> Report:
         m = self.manager

@@ -205,3 +205,44 @@ def test_states_that_would_go_to_nvme_are_refused(tmp_path):
     with pytest.raises(ValueError, match="step_in_backward.*nvme_dir"):
         hm.wrap(copy.deepcopy(ref), device="cpu", nvme_dir=tmp_path, host_memory=params * 3,
                 step_in_backward=True, **paging_kwargs(ref, 2))
+
+
+class _Reversed(torch.nn.Module):
+    """Layers registered in the reverse of the order they run: the first iteration's trace
+    re-packs the chunks (new chunk and slot objects) before the second step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            x = torch.tanh(layer(x))
+        return x.pow(2).mean()
+
+
+def test_counts_survive_the_first_iteration_re_pack():
+    torch.manual_seed(0)
+    model = _Reversed()
+    kwargs = dict(lr=1e-2, chunk_mb=16 * 17 * 4 * 1.01 / 2**20, device_memory=3 * 16 * 17 * 4 * 1.01)
+    (m1, o1), (m2, o2) = _wrapped_pair(model, torch.float32, **kwargs)
+    before = list(m1._heteromem.manager.chunks)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(6):
+        x = torch.randn(4, 16, generator=gen)
+        for m, o in ((m1, o1), (m2, o2)):
+            loss = m(x)
+            if step == 1 and m is m1:
+                # Re-packed at this forward's start: no count may name a chunk or slot that
+                # is gone (a recycled id would let an incomplete chunk be updated).
+                live = {id(c) for c in m1._heteromem.manager.chunks}
+                live |= {id(s) for c in m1._heteromem.manager.chunks for s in c.slots}
+                counts = o1.in_backward
+                assert set(counts._remaining) | set(counts._expected) <= live
+            loss.backward()
+            o.step()
+            o.zero_grad()
+    assert not any(c is d for c, d in zip(before, m1._heteromem.manager.chunks))  # re-packed
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert _updated_in_backward(o1) > 0
