@@ -146,6 +146,7 @@ class HeteroAdam(torch.optim.Optimizer):
         self._step_done()
         return loss
 
+    @torch.no_grad()
     def update_during_backward(self, chunk: Chunk) -> None:
         """Queues the update of a chunk whose gradients of this step are complete
         (step_in_backward): gradients still on the device are copied home first, and the
