@@ -64,7 +64,7 @@ def _train(model, opt, batches, accumulate: int = 1) -> list[float]:
     return losses
 
 
-def _pair():
+def _pair(**wrap_kwargs):
     """(reference PEFT model with torch AdamW, wrapped copy with its optimizer, bytes)."""
     ref = _lora(_base())
     model = copy.deepcopy(ref)
@@ -73,9 +73,19 @@ def _pair():
     total = param_bytes(ref, 4)
     # No optimizer passed: wrap builds AdamW over the trainable (adapter) parameters only.
     model, opt = hm.wrap(model, device="cpu", dtype=torch.float32, lr=LR,
-                         weight_decay=WEIGHT_DECAY, **paging_kwargs(ref, 4))
+                         weight_decay=WEIGHT_DECAY, **paging_kwargs(ref, 4), **wrap_kwargs)
     assert_pages(model, total)
     return ref, ropt, model, opt
+
+
+def test_lora_with_updates_during_backward_matches_adamw():
+    """step_in_backward: the adapters' chunks are updated while the backward still runs
+    through the frozen base (its chunks paged back in for the input gradients)."""
+    ref, ropt, model, opt = _pair(step_in_backward=True)
+    batches = _batches(6)
+    assert_losses_close(_train(model, opt, batches), _train(ref, ropt, batches))
+    assert_params_close(model.state_dict(), ref.state_dict())
+    assert opt.in_backward.chunks_updated > 0
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
