@@ -83,3 +83,23 @@ def test_bf16_tracks_fp32_on_cuda():
     losses = _train_both(cfg, ref, ropt, model, opt, seed=2)
     assert all(abs(a - b) <= 0.05 * b for a, b in losses), losses
     assert hm.report(model).tiers["device"].peak_bytes <= budget
+
+
+@pytest.mark.parametrize("fraction", [0.4, 6.0], ids=["paged", "states-on-device"])
+def test_step_in_backward_is_bit_identical_on_cuda(fraction):
+    """Updates queued from the backward hooks (the copy home waited for on the worker, or GPU
+    Adam on the backward's stream) give exactly the numbers of updating after backward."""
+    cfg, _, model = _models(True)
+    other = copy.deepcopy(model)
+    largest_mb = max(p.numel() for p in model.parameters()) * 2 / 2**20
+    kwargs = dict(lr=1e-3, device="cuda", device_memory=int(_param_bytes(model, 2) * fraction),
+                  chunk_mb=largest_mb * 1.01)
+    early, eopt = hm.wrap(model, step_in_backward=True, **kwargs)
+    late, lopt = hm.wrap(other, **kwargs)
+    losses = _train_both(cfg, late, lopt, early, eopt, seed=3)
+    assert all(a == b for a, b in losses), losses
+    for (name, a), (_, b) in zip(early.state_dict().items(), late.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert eopt.in_backward.chunks_updated > 0
+    if fraction > 1:
+        assert any(c.states_on_device for c in early._heteromem.manager.chunks)
