@@ -13,6 +13,8 @@ Groups, one per size (the summary gives each row as a ratio to its group's basel
   adam-cpu-bf16    heteromem (bf16 grad, bf16 param_lowp, one pass)
                    vs torch fused AdamW + casts, DeepSpeedCPUAdam + casts
   adam-cpu-simd    heteromem bf16 path forced to avx512 / avx2 / scalar (baseline: scalar)
+  adam-cpu-busy    the bf16 rows again while another process keeps one core busy, as the
+                   training thread does while the updates run (pipelined with the forward)
   bandwidth-cpu    STREAM-like copy, triad and in-place triad: the memory-bandwidth ceiling
   adam-cuda-*, bandwidth-cuda: the same on a GPU (marker `cuda`; no DeepSpeed there)
 Bytes are counted logically, STREAM style: every element read or written once, no
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -216,6 +220,38 @@ def test_adam_cpu_simd(benchmark, monkeypatch: pytest.MonkeyPatch, numel: int, s
             case=f"heteromem {path}", impl="heteromem", cpu_simd=path,
             role="baseline" if path == "scalar" else "subject", grad_dtype="bf16",
             lowp_dtype="bf16", threads=torch.get_num_threads())
+
+
+@pytest.fixture
+def busy_core():
+    """Another process spinning on one core for the duration of the case."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+@pytest.mark.parametrize("impl", ["heteromem", "torch-fused-adamw"])
+def test_adam_cpu_busy(benchmark, busy_core, numel: int, size_tag: str, impl: str) -> None:
+    """The bf16 step while one core is taken: heteromem's threads share the blocks out as
+    they go, so the thread on the busy core holds up nothing (torch splits equally)."""
+    benchmark.group = f"adam-cpu-busy {size_tag}"
+    if impl == "heteromem":
+        require_heteromem_kernel("cpu")
+        fn = heteromem_step(numel, "cpu", torch.bfloat16)
+        per_param, case, role = STATE_BYTES + 2 * LOWP, "heteromem, one core busy", "subject"
+    else:
+        def make(params):
+            return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=WEIGHT_DECAY, fused=True)
+        fn = optimizer_step(make, numel, "cpu", torch.bfloat16)
+        per_param = STATE_BYTES + FP32 + 2 * CAST_BYTES
+        case, role = "torch fused AdamW + casts, one core busy", "baseline"
+    measure(benchmark, fn, numel=numel, device="cpu", bytes_moved=per_param * numel, case=case,
+            impl=impl, role=role, grad_dtype="bf16", lowp_dtype="bf16",
+            threads=torch.get_num_threads())
 
 
 # kernel -> (fp32 arrays, element accesses per index, label). Bytes count each access once.
