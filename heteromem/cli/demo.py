@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nvme-dir", default=None,
                         help="put every optimizer state in files under this directory (the "
                              "host budget then holds only parameters, gradients and staging)")
+    parser.add_argument("--step-in-backward", action="store_true",
+                        help="start the optimizer updates during backward (hm.wrap's "
+                             "step_in_backward; no gradient clipping then, bf16 or fp32)")
     parser.add_argument("--plot", default="memory.png", metavar="PATH",
                         help="draw the memory timeline of the last iteration here (default "
                              "memory.png in the current directory; needs matplotlib)")
@@ -98,12 +101,24 @@ def _cpu_group():
     return _CPU_GROUP[0]
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, or None."""
     for name in ("layers", "width", "vocab", "seq", "batch", "steps"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+            return f"--{name} must be > 0, got {getattr(args, name)}"
     if not 0 < args.budget_fraction <= 1:
-        raise ValueError(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
+        return f"--budget-fraction must be in (0, 1], got {args.budget_fraction}"
+    if args.step_in_backward and (args.dtype == "fp16" or args.nvme_dir is not None):
+        return ("--step-in-backward needs --dtype bf16 or fp32 and no --nvme-dir (loss scaling "
+                "and NVMe steps need every gradient before any update)")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _check_args(args)
+    if problem is not None:
+        print(f"python -m heteromem demo: {problem}", file=sys.stderr)
+        return 2
     dtype = _DTYPES[args.dtype]
     rank, world, args.device = _start_distributed(args.device)
     if world > 1:
@@ -136,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         nvme = dict(nvme_dir=args.nvme_dir, host_memory=param_bytes + n_params * 4 + staging
                     + 64 * 6 * sum(1 for _ in model.parameters()))
     model, opt = hm.wrap(model, lr=args.lr, weight_decay=0.01, device=args.device, dtype=dtype,
-                         device_memory=budget, chunk_mb=chunk_mb, max_grad_norm=1.0, **nvme)
+                         device_memory=budget, chunk_mb=chunk_mb,
+                         max_grad_norm=None if args.step_in_backward else 1.0,
+                         step_in_backward=args.step_in_backward, **nvme)
     dev = model._heteromem.manager.device
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"heteromem demo: GPT with {n_params / 1e6:.1f}M parameters, training state "

@@ -38,6 +38,21 @@ def test_demo_at_a_tiny_width_in_low_precision_trains(dtype):
     assert main(tiny + ["--no-plot"]) == 0
 
 
+def test_demo_with_updates_during_backward_trains(capsys):
+    assert main(TINY + ["--no-plot", "--step-in-backward"]) == 0
+    assert "loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--layers", "0"], "--layers must be > 0"),
+    (["--budget-fraction", "1.5"], "--budget-fraction must be in"),
+    (["--step-in-backward", "--dtype", "fp16"], "--step-in-backward needs"),
+])
+def test_demo_bad_flags_say_what_is_wrong(flags, problem, capsys):
+    assert main(TINY + flags) == 2
+    assert problem in capsys.readouterr().err
+
+
 def test_demo_no_plot_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(TINY + ["--no-plot"]) == 0
