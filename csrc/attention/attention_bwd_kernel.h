@@ -321,6 +321,7 @@ __global__ void __launch_bounds__(BwdConfig<kHeadDim>::kThreads, 1)
 #endif
 }
 
+#ifndef HETEROMEM_ATTENTION_HOST_EMULATION  // see attention_fwd_kernel.h
 template <int kHeadDim, typename T, bool kCausal>
 cudaError_t run_attention_bwd(const BwdParams& params, cudaStream_t stream) {
   using Cfg = BwdConfig<kHeadDim>;
@@ -348,6 +349,7 @@ cudaError_t run_attention_bwd(const BwdParams& params, cudaStream_t stream) {
                                0, stream>>>(params, n);
   return cudaGetLastError();
 }
+#endif  // HETEROMEM_ATTENTION_HOST_EMULATION
 
 }  // namespace attention
 }  // namespace heteromem
