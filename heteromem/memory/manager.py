@@ -44,8 +44,10 @@ class ChunkManager:
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.update_stall_seconds = 0.0
         self._nvme: NvmeTier | None = None
-        # Most chunks (not kept on the device) pinned at once so far: what paging needs.
+        # Most chunks (not kept on the device) pinned at once so far: what paging needs. (A
+        # chunk's keep_on_device only changes while it is unpinned, so the count stays true.)
         self.peak_pinned = 0
+        self._pinned_now = 0
         # Sharded models gather chunks with collectives, which every rank must issue in the
         # same order: then no paging decision may depend on timing (whether a copy or an
         # update has finished yet), only on the sequence of acquires, which ranks share.
@@ -86,9 +88,12 @@ class ChunkManager:
         """Makes the chunks of `slots` resident with those parameters' values, and pins them.
         Returns the pinned chunks (pass them to `release`)."""
         # Device buffers and parameter views made under torch.inference_mode() would be
-        # inference tensors, unusable by every later training step.
-        with torch.inference_mode(False):
-            return self._acquire(slots)
+        # inference tensors, unusable by every later training step. (Entering the context
+        # costs as much as the rest of a call: only when it matters.)
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self._acquire(slots)
+        return self._acquire(slots)
 
     def _acquire(self, slots: Iterable[ParamSlot]) -> list[Chunk]:
         by_chunk: dict[int, list[ParamSlot]] = {}
@@ -102,9 +107,10 @@ class ChunkManager:
             if any(s.grad_loc == "device" for s in needed):
                 self._spill(chunk, [s for s in needed if s.grad_loc == "device"])
             chunk.pins += 1
+            if chunk.pins == 1 and not chunk.keep_on_device:
+                self._pinned_now += 1
+                self.peak_pinned = max(self.peak_pinned, self._pinned_now)
             pinned.append(chunk)
-        self.peak_pinned = max(self.peak_pinned, sum(
-            1 for c in self.chunks if c.pins > 0 and not c.keep_on_device))
         for chunk in pinned:
             if chunk.device_state is DeviceState.LOADING:
                 self.copies.wait_for_device_use(chunk.load_event)
@@ -118,6 +124,8 @@ class ChunkManager:
             if chunk.pins <= 0:
                 raise AssertionError(f"chunk {chunk.index} released more often than acquired")
             chunk.pins -= 1
+            if chunk.pins == 0 and not chunk.keep_on_device:
+                self._pinned_now -= 1
 
     def soften(self, chunks: Iterable[Chunk]) -> None:
         """Turns pins into soft pins: the chunks stay resident while the device tier has room,

@@ -53,7 +53,10 @@ class Trace:
         if self.diverged:
             return []
         out: list[int] = []
-        for c in self.reference[len(self.current):]:
+        # NOTE: indexes, not a slice: this runs at every acquire, and a slice would copy the
+        # rest of the trace each time.
+        for i in range(len(self.current), len(self.reference)):
+            c = self.reference[i]
             if c not in out:
                 out.append(c)
                 if len(out) == count:

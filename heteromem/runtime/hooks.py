@@ -35,6 +35,17 @@ def _graph_task() -> int:
     return torch._C._current_graph_task_id()
 
 
+def _needing_grad(value: Any) -> list[torch.Tensor]:
+    """The tensors in `value` (a tensor, or a pytree of them) that require grad. A tensor or
+    a flat tuple of them, what most modules take and return, skips the pytree walk: these
+    hooks run at every module call."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.requires_grad else []
+    if isinstance(value, tuple) and all(isinstance(t, torch.Tensor) for t in value):
+        return [t for t in value if t.requires_grad]
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
 class _Call:
     """One call of a module: the chunks it pinned for its backward, and what it waits for."""
 
@@ -113,16 +124,17 @@ class Hooks:
         self.manager.release(pins.pop())
         if not torch.is_grad_enabled():
             return
-        outputs = [t for t in tree_flatten(output)[0]
-                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        outputs = _needing_grad(output)
         if not outputs:
             return
         call = _Call(module, self.slots_by_module[module])
         for t in outputs:
             t.register_hook(lambda grad, call=call: self._pre_backward(call))
-        inputs = [t for t in tree_flatten(args)[0]
-                  if isinstance(t, torch.Tensor) and t.requires_grad]
-        if inputs:
+        inputs = _needing_grad(args)
+        if len(inputs) == 1:
+            # One input: its own gradient hook is the multi-grad hook's "all" (and cheaper).
+            inputs[0].register_hook(lambda grad, call=call: self._inputs_done(call))
+        elif inputs:
             torch.autograd.graph.register_multi_grad_hook(
                 inputs, lambda grads, call=call: self._inputs_done(call), mode="all")
 
