@@ -131,6 +131,10 @@ def main() -> None:
     except hm.DistributedError as exc:
         (out / f"error{rank}.json").write_text(json.dumps(
             dict(message=str(exc), seconds=time.monotonic() - started)))
+        # NOTE: as docs/distributed.md tells users: a process that exits with its gloo groups
+        # alive can abort in their teardown ("terminate called without an active exception",
+        # pytorch/pytorch#190489).
+        dist.destroy_process_group()
         return
 
     report = hm.report(model)
