@@ -51,7 +51,10 @@ float shfl_xor(float v, int m) {
 }
 void cp_async(uint32_t dst, const void* src, int bytes, int cp_size) {
   if (dst % cp_size) { std::printf("cp.async dst misaligned %u\n", dst); ++errors; }
-  if (bytes && reinterpret_cast<uintptr_t>(src) % cp_size) { std::printf("cp.async src misaligned\n"); ++errors; }
+  if (bytes && reinterpret_cast<uintptr_t>(src) % cp_size) {
+    std::printf("cp.async src misaligned\n");
+    ++errors;
+  }
   open_group.push_back({dst, src, bytes, cp_size});
 }
 void commit() { groups.push_back(std::move(open_group)); open_group.clear(); }
@@ -65,7 +68,11 @@ void wait(int n) {
   }
 }
 uint16_t at16(uint32_t byte) {
-  if (byte % 2 || byte >= sizeof(heteromem::attention::smem_raw)) { std::printf("bad smem addr\n"); ++errors; return 0; }
+  if (byte % 2 || byte >= sizeof(heteromem::attention::smem_raw)) {
+    std::printf("bad smem addr\n");
+    ++errors;
+    return 0;
+  }
   uint16_t v; std::memcpy(&v, smem_base + byte, 2); return v;
 }
 void ldsm(uint32_t (&r)[4], uint32_t addr, bool trans) {
@@ -124,7 +131,8 @@ void launch(dim3e grid, int threads, const std::function<void()>& body) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = {x, y, z};
-        std::memset(heteromem::attention::smem_raw, 0xff, sizeof(heteromem::attention::smem_raw));  // NaN garbage
+        // All-ones bytes: NaN in bf16, fp16 and fp32, so reading what no copy wrote shows.
+        std::memset(heteromem::attention::smem_raw, 0xff, sizeof(heteromem::attention::smem_raw));
         warps.clear();
         for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
         cta_bar = std::make_unique<std::barrier<>>(threads);
@@ -133,7 +141,10 @@ void launch(dim3e grid, int threads, const std::function<void()>& body) {
           ts.emplace_back([&, t] {
             threadIdx = {unsigned(t), 0, 0};
             body();
-            if (!groups.empty() || !open_group.empty()) { std::printf("cp.async left pending at exit\n"); ++errors; }
+            if (!groups.empty() || !open_group.empty()) {
+              std::printf("cp.async left pending at exit\n");
+              ++errors;
+            }
             groups.clear(); open_group.clear();
           });
         for (auto& th : ts) th.join();
@@ -164,7 +175,10 @@ double run_case(const Case& c, uint32_t seed) {
   };
   std::vector<T> q, k, v, dout;
   TensorRef rq, rk, rv, rdo;
-  make(c.hq, c.lq, rq, q); make(c.hk, c.lk, rk, k); make(c.hk, c.lk, rv, v); make(c.hq, c.lq, rdo, dout);
+  make(c.hq, c.lq, rq, q);
+  make(c.hk, c.lk, rk, k);
+  make(c.hk, c.lk, rv, v);
+  make(c.hq, c.lq, rdo, dout);
   Shape sh{c.b, c.hq, c.hk, c.lq, c.lk, c.d, 1.f / std::sqrt(float(c.d)), 0};
   sh.scale_log2 = sh.scale * 1.4426950408889634f;
   std::vector<T> out(size_t(c.b) * c.hq * c.lq * c.d, enc(NAN));
@@ -175,9 +189,11 @@ double run_case(const Case& c, uint32_t seed) {
               [&] { attention_fwd_kernel<kHeadDim, T, kCausal>(fp); });
 
   std::vector<float> dsum(lse.size(), NAN), dqacc(out.size(), NAN);
-  std::vector<T> dq(out.size(), enc(NAN)), dk(size_t(c.b) * c.hk * c.lk * c.d, enc(NAN)), dv(dk.size(), enc(NAN));
+  std::vector<T> dq(out.size(), enc(NAN));
+  std::vector<T> dk(size_t(c.b) * c.hk * c.lk * c.d, enc(NAN)), dv(dk.size(), enc(NAN));
   TensorRef rout{out.data(), int64_t(c.hq) * c.lq * c.d, int64_t(c.lq) * c.d, c.d};
-  BwdParams bp{sh, rq, rk, rv, rout, rdo, lse.data(), dsum.data(), dqacc.data(), dq.data(), dk.data(), dv.data()};
+  BwdParams bp{sh,          rq,          rk,           rv,        rout,      rdo,
+               lse.data(),  dsum.data(), dqacc.data(), dq.data(), dk.data(), dv.data()};
   using BC = BwdConfig<kHeadDim>;
   const int64_t rows = int64_t(c.b) * c.hq * c.lq, rpc = kPassThreads / (kHeadDim / 8);
   // The three launches of run_attention_bwd, with its grids.
@@ -192,10 +208,14 @@ double run_case(const Case& c, uint32_t seed) {
   // float64 reference from the same (rounded) inputs; dO paired with the kernel's own out for dsum.
   const int group = c.hq / c.hk, diag = c.lk - c.lq;
   double worst = 0;
-  auto err = [&](double got, double want, double tol, const char* what, int b, int h, int i, int d) {
+  auto err = [&](double got, double want, double tol, const char* what, int b, int h, int i,
+                 int d) {
     const double e = std::fabs(got - want);
     if (!(e <= tol)) {
-      if (worst < 1e9) std::printf("  %s mismatch b%d h%d i%d d%d: got %g want %g\n", what, b, h, i, d, got, want);
+      if (worst < 1e9) {
+        std::printf("  %s mismatch b%d h%d i%d d%d: got %g want %g\n", what, b, h, i, d, got,
+                    want);
+      }
       worst = 1e18;
     }
   };
@@ -216,8 +236,11 @@ double run_case(const Case& c, uint32_t seed) {
         if (m > -INFINITY) for (int j = 0; j < c.lk; ++j) sum += (p[j] = std::exp(s[j] - m));
         const double ref_lse = sum > 0 ? m + std::log(sum) : INFINITY;
         const size_t row = (size_t(b) * c.hq + h) * c.lq + i;
-        if (std::isinf(ref_lse)) err(std::isinf(lse[row]) && lse[row] > 0 ? 0 : 1, 0, 0.5, "lse(inf)", b, h, i, 0);
-        else err(lse[row], ref_lse, 1e-3, "lse", b, h, i, 0);
+        if (std::isinf(ref_lse)) {  // a row that sees no key: lse +inf, output 0
+          err(std::isinf(lse[row]) && lse[row] > 0 ? 0 : 1, 0, 0.5, "lse(inf)", b, h, i, 0);
+        } else {
+          err(lse[row], ref_lse, 1e-3, "lse", b, h, i, 0);
+        }
         for (int j = 0; j < c.lk; ++j) p[j] = sum > 0 ? p[j] / sum : 0;
         double D = 0;
         for (int d = 0; d < c.d; ++d) {
@@ -255,9 +278,11 @@ double run_case(const Case& c, uint32_t seed) {
 
 template <int kHeadDim, typename T>
 bool run(const Case& c, uint32_t seed) {
-  const double w = c.causal ? run_case<kHeadDim, T, true>(c, seed) : run_case<kHeadDim, T, false>(c, seed);
-  std::printf("%s b%d hq%d hk%d lq%d lk%d d%d causal%d bshd%d %s: %s\n", kHeadDim == 64 ? "h64 " : "h128",
-              c.b, c.hq, c.hk, c.lq, c.lk, c.d, c.causal, c.bshd, std::is_same_v<T, __nv_bfloat16> ? "bf16" : "fp16",
+  const double w =
+      c.causal ? run_case<kHeadDim, T, true>(c, seed) : run_case<kHeadDim, T, false>(c, seed);
+  std::printf("%s b%d hq%d hk%d lq%d lk%d d%d causal%d bshd%d %s: %s\n",
+              kHeadDim == 64 ? "h64 " : "h128", c.b, c.hq, c.hk, c.lq, c.lk, c.d, c.causal,
+              c.bshd, std::is_same_v<T, __nv_bfloat16> ? "bf16" : "fp16",
               w == 0 && emu::errors == 0 ? "ok" : "FAIL");
   std::fflush(stdout);
   return w == 0 && emu::errors == 0;
@@ -272,7 +297,9 @@ int main() {
       {2, 2, 1, 300, 77, 24, true, false},   // q >> k
       {1, 1, 1, 1, 140, 64, true, false},    // decode
   };
-  for (const Case& c : cases) ok &= c.d <= 64 ? run<64, __nv_bfloat16>(c, 1) : run<128, __nv_bfloat16>(c, 1);
+  for (const Case& c : cases) {
+    ok &= c.d <= 64 ? run<64, __nv_bfloat16>(c, 1) : run<128, __nv_bfloat16>(c, 1);
+  }
   std::vector<Case> cases128 = {
       {1, 2, 1, 150, 70, 96, true, false},
       {1, 2, 2, 65, 200, 128, true, true},
