@@ -16,6 +16,8 @@ The contract is checked: a gradient arriving for a chunk already updated in this
 new forward (with autograd on) between a backward and `opt.step()` (gradient accumulation),
 and `opt.zero_grad()` after updates have begun each raise, naming what to change. The chunks
 updated by then stay updated (each one whole, with its step count): nothing is half-applied.
+After a backward pass that failed (that error, or any other) once updates had begun,
+`opt.zero_grad()` is allowed: it drops the gradients of the chunks not updated yet.
 """
 
 from __future__ import annotations
@@ -42,11 +44,19 @@ class StepInBackward:
         # A gradient came for a chunk already updated: this step's backward was aborted, and
         # zero_grad() may drop what is left of it.
         self._broken = False
+        # Backward passes (autograd graph tasks) begun and not ended: one left open after the
+        # training loop has it back was aborted by an error, which zero_grad() may clean up too.
+        self._open_passes = 0
 
     # ------------------------------------------------------------------ hooks
 
     def before_forward(self) -> None:
         """A forward with autograd on: refused once this step has gradients."""
+        if self._received and self._open_passes > 0:
+            raise StepInBackwardError(
+                "heteromem: the last backward pass failed after its optimizer updates had begun "
+                "(step_in_backward=True); call opt.zero_grad() to drop the rest of that step "
+                "before the next forward")
         if self._received:
             raise StepInBackwardError(
                 "heteromem: a new forward with gradients enabled started before opt.step(), "
@@ -54,6 +64,12 @@ class StepInBackward:
                 "pass is a whole optimizer step: call opt.step() after each backward, or wrap "
                 "with step_in_backward=False to accumulate gradients over several passes "
                 "(run evaluation forwards under torch.no_grad())")
+
+    def pass_started(self) -> None:
+        self._open_passes += 1
+
+    def pass_ended(self) -> None:
+        self._open_passes -= 1
 
     def before_grad(self, slot: ParamSlot) -> None:
         if id(slot.chunk) in self._updated:
@@ -88,7 +104,8 @@ class StepInBackward:
     # ------------------------------------------------------------------ optimizer
 
     def before_zero_grad(self) -> None:
-        if self._updated and not self._broken:
+        aborted = self._broken or self._open_passes > 0
+        if self._updated and not aborted:
             raise StepInBackwardError(
                 f"heteromem: opt.zero_grad() was called after {len(self._updated)} chunk(s) "
                 "were already updated during this backward pass (step_in_backward=True), and "
@@ -99,6 +116,7 @@ class StepInBackward:
         self._received.clear()
         self._updated = set()
         self._broken = False
+        self._open_passes = 0
         self._arm()
 
     def step_taken(self) -> None:
@@ -114,6 +132,7 @@ class StepInBackward:
         self._expected, self._received, self._remaining = {}, {}, {}
         self._updated = set()
         self._broken = False
+        self._open_passes = 0
 
     def _arm(self) -> None:
         self._remaining = {}

@@ -144,6 +144,8 @@ class Hooks:
         if task in self._tasks_with_callback:
             return
         self._tasks_with_callback.add(task)
+        if self.in_backward is not None:
+            self.in_backward.pass_started()
         self.manager.timeline.mark("backward")
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_backward(task))
 
@@ -196,6 +198,8 @@ class Hooks:
 
     def _end_backward(self, task: int) -> None:
         self._tasks_with_callback.discard(task)
+        if self.in_backward is not None:
+            self.in_backward.pass_ended()
         for call in self._calls_by_task.pop(task, []):
             self._unpin(call)
         self._calls_by_slot = {k: [c for c in v if c.task != task]

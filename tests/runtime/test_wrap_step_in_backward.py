@@ -134,6 +134,52 @@ def test_a_second_backward_before_step_is_refused_and_training_goes_on():
     assert torch.isfinite(loss)
 
 
+class _FailOnce(torch.autograd.Function):
+    """Identity whose backward raises while `armed`: an error in the middle of a backward."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _FailOnce.armed:
+            raise RuntimeError("backward failed on purpose")
+        return grad
+
+
+def test_a_backward_that_fails_midway_can_be_dropped_and_training_goes_on():
+    """Chunks after the failure point were updated whole; zero_grad() drops the gradients
+    the others had gathered, so they keep exactly their values from before."""
+    cfg, ref, model = gpt_pair()
+    model, opt = hm.wrap(model, device="cpu", dtype=torch.float32, lr=1e-3,
+                         step_in_backward=True, **paging_kwargs(ref, 4))
+    model.blocks[1].register_forward_hook(lambda module, args, out: _FailOnce.apply(out))
+    batches = gpt_batches(cfg, 5)
+    train_steps(model, opt, batches[:2])
+    before = model.state_dict()
+    updated = _updated_in_backward(opt)
+    _FailOnce.armed = True
+    try:
+        loss = model(*batches[2])
+        with pytest.raises(RuntimeError, match="on purpose"):
+            loss.backward()
+    finally:
+        _FailOnce.armed = False
+    assert _updated_in_backward(opt) > updated  # the last blocks' chunks were updated
+    with pytest.raises(StepInBackwardError, match="zero_grad"):
+        model(*batches[3])
+    opt.zero_grad()
+    after = model.state_dict()
+    first = [n for n in before if n.startswith(("wte", "wpe", "blocks.0."))]
+    assert first and all(torch.equal(before[n], after[n]) for n in first)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "blocks.3." in n)
+    losses = train_steps(model, opt, batches[3:])
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_zero_grad_after_updates_began_is_refused():
     cfg, ref, model = gpt_pair()
     model, opt = hm.wrap(model, device="cpu", dtype=torch.float32, lr=1e-3,
