@@ -162,6 +162,32 @@ ADAM_CASES = [
 VARIANTS = {"fp32": None, "bf16": torch.bfloat16}
 
 
+def adam_case(request: pytest.FixtureRequest, impl: str, numel: int, device: str,
+              lowp: torch.dtype | None) -> tuple[StepFn, int, str, str]:
+    """(step function, bytes per parameter, case label, role) of one implementation."""
+    if impl == "heteromem":
+        require_heteromem_kernel(device)
+        # One pass: the states, plus the grad read and the lowp write in their own dtypes.
+        per_param = STATE_BYTES + (FP32 if lowp is None else 2 * LOWP)
+        return heteromem_step(numel, device, lowp), per_param, "heteromem", "subject"
+    if impl == "deepspeed-cpu-adam":
+        cls = request.getfixturevalue("deepspeed_cpu_adam")
+
+        def make(params):
+            return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                       adamw_mode=True)
+        case = "DeepSpeedCPUAdam"
+    else:
+        def make(params):
+            return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=WEIGHT_DECAY, fused=True)
+        case = "torch fused AdamW"
+    # The fp32 step (states + fp32 grad), plus a cast on each side for the bf16 variant.
+    per_param = STATE_BYTES + FP32 + (0 if lowp is None else 2 * CAST_BYTES)
+    fn = optimizer_step(make, numel, device, lowp)
+    return fn, per_param, case + ("" if lowp is None else " + casts"), "baseline"
+
+
 # NOTE: the implementation varies fastest, so a group's rows run back to back and see the
 # same machine state as far as possible.
 @pytest.mark.parametrize(("device", "impl"), ADAM_CASES)
@@ -172,29 +198,7 @@ def test_adam(benchmark, request: pytest.FixtureRequest, numel: int, size_tag: s
     starts from a bf16 gradient and ends with a bf16 parameter, as a training step needs."""
     lowp = VARIANTS[variant]
     benchmark.group = f"adam-{device}-{variant} {size_tag}"
-    if impl == "heteromem":
-        require_heteromem_kernel(device)
-        fn = heteromem_step(numel, device, lowp)
-        # One pass: the states, plus the grad read and the lowp write in their own dtypes.
-        per_param = STATE_BYTES + (FP32 if lowp is None else 2 * LOWP)
-        case, role = "heteromem", "subject"
-    else:
-        if impl == "deepspeed-cpu-adam":
-            cls = request.getfixturevalue("deepspeed_cpu_adam")
-
-            def make(params):
-                return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                           adamw_mode=True)
-            case = "DeepSpeedCPUAdam"
-        else:
-            def make(params):
-                return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
-                                         weight_decay=WEIGHT_DECAY, fused=True)
-            case = "torch fused AdamW"
-        fn = optimizer_step(make, numel, device, lowp)
-        # The fp32 step (states + fp32 grad), plus a cast on each side for the bf16 variant.
-        per_param = STATE_BYTES + FP32 + (0 if lowp is None else 2 * CAST_BYTES)
-        case, role = case + ("" if lowp is None else " + casts"), "baseline"
+    fn, per_param, case, role = adam_case(request, impl, numel, device, lowp)
     # The CPU path heteromem ran (HETEROMEM_CPU_CAPABILITY may force a lower one).
     on_cpu = device == "cpu" and impl == "heteromem"
     extra = {"cpu_simd": heteromem.build_info().cpu_simd} if on_cpu else {}
@@ -234,21 +238,13 @@ def busy_core():
 
 
 @pytest.mark.parametrize("impl", ["heteromem", "torch-fused-adamw"])
-def test_adam_cpu_busy(benchmark, busy_core, numel: int, size_tag: str, impl: str) -> None:
+def test_adam_cpu_busy(benchmark, request: pytest.FixtureRequest, busy_core, numel: int,
+                       size_tag: str, impl: str) -> None:
     """The bf16 step while one core is taken: heteromem's threads share the blocks out as
     they go, so the thread on the busy core holds up nothing (torch splits equally)."""
     benchmark.group = f"adam-cpu-busy {size_tag}"
-    if impl == "heteromem":
-        require_heteromem_kernel("cpu")
-        fn = heteromem_step(numel, "cpu", torch.bfloat16)
-        per_param, case, role = STATE_BYTES + 2 * LOWP, "heteromem, one core busy", "subject"
-    else:
-        def make(params):
-            return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS,
-                                     weight_decay=WEIGHT_DECAY, fused=True)
-        fn = optimizer_step(make, numel, "cpu", torch.bfloat16)
-        per_param = STATE_BYTES + FP32 + 2 * CAST_BYTES
-        case, role = "torch fused AdamW + casts, one core busy", "baseline"
+    fn, per_param, case, role = adam_case(request, impl, numel, "cpu", torch.bfloat16)
+    case += ", one core busy"
     measure(benchmark, fn, numel=numel, device="cpu", bytes_moved=per_param * numel, case=case,
             impl=impl, role=role, grad_dtype="bf16", lowp_dtype="bf16",
             threads=torch.get_num_threads())

@@ -25,6 +25,7 @@ from heteromem.distributed.shard import reduce_buffer_bytes, shardable_capacity
 from heteromem.errors import format_bytes
 from heteromem.memory.nvme import staging_bytes
 from heteromem.models import GPT, GPTConfig
+from heteromem.runtime.wrap import chunk_capacity
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The fewest chunks the device budget holds, whatever --budget-fraction says (see run()).
@@ -128,25 +129,23 @@ def run(args: argparse.Namespace) -> int:
                     n_head=max(1, args.width // 64), n_embd=args.width, checkpoint=True)
     model = GPT(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    state_bytes = n_params * (torch.empty((), dtype=dtype).element_size() + (8 if dtype == torch.float32 else 12))
-    param_bytes = n_params * torch.empty((), dtype=dtype).element_size()
-    chunk_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20 * 1.01
     elem = torch.empty((), dtype=dtype).element_size()
+    state_bytes = n_params * (elem + (8 if dtype == torch.float32 else 12))
+    param_bytes = n_params * elem
+    chunk_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20 * 1.01
+    capacity = chunk_capacity(n_params, 0, chunk_mb, elem)  # elements per chunk
     # NOTE: the end of the backward holds the tied token embedding's chunk and the position
     # embedding's at once, and the module running needs its own: a budget of fewer chunks
     # passes wrap's check (no single module needs more) yet runs out mid-step. Tiny models
     # (a few chunks in all) get this floor instead of the fraction.
     budget = max(int(param_bytes * args.budget_fraction),
-                 MIN_DEVICE_CHUNKS * (int(chunk_mb * 2**20) // elem) * elem)
+                 MIN_DEVICE_CHUNKS * capacity * elem)
     if world > 1:
         # Sharded, the device also holds the room to reduce one chunk's gradients in fp32.
-        capacity = shardable_capacity(int(chunk_mb * 2**20) // torch.empty(
-            (), dtype=dtype).element_size(), world)
-        budget += reduce_buffer_bytes(capacity, world)
+        budget += reduce_buffer_bytes(shardable_capacity(capacity, world), world)
     nvme = {}
     if args.nvme_dir is not None:
         # Host: parameters, fp32 gradient buffers and the staging pool; no optimizer state.
-        capacity = int(chunk_mb * 2**20) // torch.empty((), dtype=dtype).element_size()
         staging = staging_bytes(capacity)
         nvme = dict(nvme_dir=args.nvme_dir, host_memory=param_bytes + n_params * 4 + staging
                     + 64 * 6 * sum(1 for _ in model.parameters()))

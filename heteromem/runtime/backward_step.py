@@ -113,28 +113,24 @@ class StepInBackward:
                 "wrap with step_in_backward=False to be able to drop a step's gradients")
         if self._broken:
             self._expected = {}  # the gradient pattern changed: learn it again in one step
-        self._received.clear()
-        self._updated = set()
-        self._broken = False
-        self._open_passes = 0
-        self._arm()
+        self._new_step()
 
     def step_taken(self) -> None:
         """`opt.step()` ran: this step's gradient counts are the next step's expectation."""
-        self._expected, self._received = self._received, {}
-        self._updated = set()
-        self._broken = False
-        self._arm()
+        self._expected = self._received
+        self._new_step()
 
     def forget(self) -> None:
         """The chunks and slots were re-packed (new objects): the counts, keyed by the old
         ones, are dropped, and the next step learns them again in opt.step()."""
-        self._expected, self._received, self._remaining = {}, {}, {}
-        self._updated = set()
-        self._broken = False
-        self._open_passes = 0
+        self._expected = {}
+        self._new_step()
 
-    def _arm(self) -> None:
+    def _new_step(self) -> None:
+        """Nothing received or updated yet; each chunk that can be updated in backward gets
+        the number of gradients it expects."""
+        self._received, self._updated = {}, set()
+        self._broken, self._open_passes = False, 0
         self._remaining = {}
         for chunk in self.optimizer._chunks():
             counts = [self._expected.get(id(s), 0) for s in chunk.slots
