@@ -22,6 +22,7 @@ import torch
 
 from heteromem.distributed.comm import ShardGroup
 from heteromem.distributed.shard import owned_part, reduce_buffer_bytes
+from heteromem.errors import storage_error
 from heteromem.memory.chunk import Chunk, DeviceState, ParamSlot
 from heteromem.memory.manager import ChunkManager
 
@@ -165,7 +166,8 @@ class ShardedChunkManager(ChunkManager):
                                  "agreeing on the NVMe step")
         if error is not None or reason is None:
             return error
-        return OSError(errno.EIO, f"{reason}; this rank's NVMe step was not committed either")
+        return storage_error(errno.EIO, f"{reason}; this rank's NVMe step was not committed "
+                            "either")
 
     @property
     def grad_divisor(self) -> int:

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from heteromem import _ext
+from heteromem.errors import storage_error
 from heteromem.io._python_engine import DIRECT_ALIGN, PythonEngine
 
 Backend = Literal["native", "python"]
@@ -122,7 +123,7 @@ class IoEngine:
                             f"{type(path).__name__}")
         handle, code, message = self._impl.open(path, bool(create))
         if code:
-            raise OSError(code, message)
+            raise storage_error(code, message)
         direct = bool(self._impl.is_direct(handle))
         if not direct:
             folder = os.path.dirname(os.path.abspath(path))
@@ -232,7 +233,7 @@ class IoEngine:
     def _raise(status: tuple[int, str]) -> None:
         code, message = status
         if code:
-            raise OSError(code, message)
+            raise storage_error(code, message)
 
 
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:

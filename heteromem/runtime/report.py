@@ -10,6 +10,7 @@ import torch
 
 from heteromem.errors import format_bytes
 from heteromem.memory.timeline import MemoryTimeline
+from heteromem.runtime.wrapped import wrapped_state
 
 
 @dataclass
@@ -78,7 +79,4 @@ class Report:
 
 def report(model: torch.nn.Module) -> Report:
     """The memory report of a model returned by `hm.wrap`."""
-    state = getattr(model, "_heteromem", None)
-    if state is None:
-        raise ValueError("hm.report: this model was not wrapped with hm.wrap")
-    return state.report()
+    return wrapped_state(model, "hm.report").report()

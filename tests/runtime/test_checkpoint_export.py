@@ -191,7 +191,7 @@ def test_gpt2_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_pa
 
 def test_bad_inputs_say_what_to_do(tmp_path):
     cfg, ref, model = gpt_pair()
-    with pytest.raises(ValueError, match="not wrapped by hm.wrap.*save_model"):
+    with pytest.raises(hm.NotWrappedError, match="not wrapped by heteromem.*save_model"):
         export_safetensors(tmp_path / "m.safetensors", ref)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         export_safetensors(tmp_path / "m.safetensors", {"w": torch.zeros(1)})

@@ -19,6 +19,7 @@ import torch
 
 from heteromem.runtime.checkpoint.layout import fsync_dir
 from heteromem.runtime.state_dict import _Masters, _slot_names
+from heteromem.runtime.wrapped import wrapped_state
 
 # torch dtype -> safetensors dtype name (the spec's names; optional dtypes where torch has them).
 _DTYPES: dict[torch.dtype, str] = {
@@ -46,7 +47,8 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
     parts, one chunk at a time, so no rank holds more than about one chunk extra) and rank 0
     writes the file.
     """
-    state = _wrap_state(model)
+    state = wrapped_state(model, "export_safetensors", "for a plain model use "
+                          "safetensors.torch.save_model(model, path)")
     comm = state.comm
     meta = {"format": "pt", **_check_metadata(metadata)}
     if comm is None:
@@ -121,17 +123,6 @@ def _stream(state, entries: OrderedDict, f) -> int:
         written += data.numel()
         del value, data  # the next parameter may be large: drop this one first
     return written
-
-
-def _wrap_state(model: object):
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"export_safetensors: model must be a torch.nn.Module wrapped by hm.wrap, "
-                        f"got {type(model).__name__}")
-    state = getattr(model, "_heteromem", None)
-    if state is None:
-        raise ValueError(f"export_safetensors: this {type(model).__name__} was not wrapped by "
-                         "hm.wrap; for a plain model use safetensors.torch.save_model(model, path)")
-    return state
 
 
 def _check_path(path: object) -> str:

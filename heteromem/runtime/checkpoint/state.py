@@ -17,6 +17,7 @@ from heteromem._version import __version__
 from heteromem.memory.chunk import Chunk, HostState
 from heteromem.runtime.checkpoint.layout import FORMAT, FORMAT_VERSION, CheckpointError, chunk_file
 from heteromem.runtime.state_dict import _slot_names
+from heteromem.runtime.wrapped import wrapped_state
 
 FP32 = torch.float32
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
@@ -29,11 +30,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def wrap_state(model: object, what: str):
-    state = getattr(model, "_heteromem", None)
-    if state is None:
-        raise TypeError(f"{what}: the model was not wrapped by heteromem; call "
-                        "`model, opt = hm.wrap(model, opt, ...)` first")
-    return state
+    return wrapped_state(model, what)
 
 
 def check_optimizer(state, optimizer: object, what: str) -> None:
