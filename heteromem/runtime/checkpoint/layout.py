@@ -23,11 +23,14 @@ removes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+
+from heteromem.errors import CheckpointError, StorageError, storage_error
 
 try:
     import xxhash
@@ -43,8 +46,6 @@ _VERSION_RE = re.compile(r"^v(\d{6})$")
 _READ_BLOCK = 64 << 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model (or written to this path)."""
 
 
 def hasher():
@@ -123,7 +124,7 @@ def publish(root: str, tmp: str, manifest_digest: str) -> str:
     os.rename(tmp, os.path.join(root, name))
     fsync_dir(root)
     latest_tmp = os.path.join(root, LATEST + ".tmp")
-    with open(latest_tmp, "w", encoding="utf-8") as f:
+    with naming(latest_tmp), open(latest_tmp, "w", encoding="utf-8") as f:
         json.dump({"version": name, "manifest_xxh3_64": manifest_digest}, f)
         f.flush()
         os.fsync(f.fileno())
@@ -152,10 +153,23 @@ def remove_leftovers(root: str) -> None:
                     pass
 
 
+@contextlib.contextmanager
+def naming(path: str):
+    """An OSError inside becomes a `StorageError` naming `path` (a failed write() says only
+    what went wrong, not where)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc.errno, exc.strerror or str(exc), exc.filename or path) from exc
+
+
 def write_manifest(tmp: str, manifest: dict) -> str:
     """Writes manifest.json (fsynced); returns its checksum for LATEST."""
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    with open(os.path.join(tmp, MANIFEST), "wb") as f:
+    path = os.path.join(tmp, MANIFEST)
+    with naming(path), open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -16,13 +16,14 @@ included): each rank reads the element ranges it owns from whichever saved parts
 from __future__ import annotations
 
 import errno
-import json
 import os
 
 import torch
 
 from heteromem.distributed.shard import owned_part
+from heteromem.errors import storage_error
 from heteromem.runtime.checkpoint import layout
+from heteromem.runtime.checkpoint import manifest as schema
 from heteromem.runtime.checkpoint.layout import CheckpointError
 from heteromem.runtime.checkpoint.save import _PENDING, _PENDING_LOCK, wait_checkpoint
 from heteromem.runtime.checkpoint.state import (DTYPES, check_optimizer, dtype_name,
@@ -53,16 +54,23 @@ def _read_manifest(root: str) -> tuple[str, dict]:
     if h.hexdigest() != latest["manifest_xxh3_64"]:
         raise _refuse(root, "its manifest does not match its checksum (the file was changed or "
                       "damaged)", "use another checkpoint")
-    manifest = json.loads(data)
-    if manifest.get("format") != layout.FORMAT:
-        raise _refuse(root, "is not a heteromem checkpoint", "pass a save_checkpoint directory")
-    if manifest.get("format_version") == 1:
-        _from_version_1(manifest)
-    if manifest.get("format_version") != layout.FORMAT_VERSION:
-        raise _refuse(root, f"has format version {manifest.get('format_version')!r}, this "
-                      f"heteromem reads version {layout.FORMAT_VERSION}",
-                      "load it with the heteromem version that wrote it "
-                      f"({manifest.get('heteromem_version')})")
+    try:
+        manifest = schema.parse(data)
+        schema.check_header(manifest)
+        if manifest["format"] != layout.FORMAT:
+            raise _refuse(root, "is not a heteromem checkpoint",
+                          "pass a save_checkpoint directory")
+        if manifest["format_version"] == 1:
+            schema.check_v1_chunks(manifest)
+            _from_version_1(manifest)
+        if manifest["format_version"] != layout.FORMAT_VERSION:
+            raise _refuse(root, f"has format version {manifest['format_version']!r}, this "
+                          f"heteromem reads version {layout.FORMAT_VERSION}",
+                          "load it with the heteromem version that wrote it "
+                          f"({manifest.get('heteromem_version')})")
+        schema.check_body(manifest)
+    except schema.BadField as exc:
+        raise schema.malformed(root, exc) from None
     return vdir, manifest
 
 
@@ -190,7 +198,7 @@ class _Parts:
         while view:
             n = os.preadv(fd, [view], at)
             if not n:
-                raise OSError(errno.EIO, f"{shard['file']} ended early while loading")
+                raise storage_error(errno.EIO, f"{shard['file']} ended early while loading")
             view, at = view[n:], at + n
         return out.view(dtype)
 
@@ -296,7 +304,7 @@ def _check(root: str, model, state, optimizer, comm) -> tuple:
     # around when loading at more ranks than saved).
     extra = layout.extra_file(None if saved_world == 1 else rank % saved_world)
     _verify_files(root, vdir, manifest, {r[1]["file"] for r in reads} | {extra})
-    blob = torch.load(os.path.join(vdir, extra), weights_only=True)
+    blob = _load_blob(root, os.path.join(vdir, extra))
     live_buffers = {k: v for k, v in torch.nn.Module.state_dict(model).items()
                     if k not in _slot_names(model)}
     if set(blob["buffers"]) != set(live_buffers):
@@ -307,3 +315,32 @@ def _check(root: str, model, state, optimizer, comm) -> tuple:
             raise _refuse(root, f"buffer {name!r} has shape {tuple(value.shape)}, this model's "
                           f"{tuple(live_buffers[name].shape)}", "load it into the model it was saved from")
     return vdir, manifest, pairs, reads, blob, live_buffers
+
+
+def _load_blob(root: str, path: str) -> dict:
+    """extra.pt (buffers, RNG states, the caller's extra), checked for what a load uses."""
+    name = os.path.basename(path)
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (unpickling raises many kinds)
+        raise _refuse(root, f"{name} cannot be read ({type(exc).__name__}: {exc})",
+                      "use another checkpoint") from exc
+    why = None
+    if not isinstance(blob, dict) or not {"buffers", "rng", "extra"} <= set(blob):
+        why = "is not a dict with buffers, rng and extra"
+    elif not isinstance(blob["buffers"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob["buffers"].items()):
+        why = "has buffers that are not tensors by name"
+    else:
+        rng = blob["rng"]
+        cpu = rng.get("cpu") if isinstance(rng, dict) else None
+        if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8
+                and cpu.shape == torch.get_rng_state().shape):
+            why = "has no CPU random generator state of the right size"
+        elif not isinstance(rng.get("cuda", []), list) or not all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng.get("cuda", [])):
+            why = "has CUDA random generator states that are not byte tensors"
+    if why is not None:
+        raise _refuse(root, f"{name} {why} (not written by this heteromem's save_checkpoint)",
+                      "use another checkpoint")
+    return blob
