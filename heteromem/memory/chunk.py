@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from heteromem.errors import IllegalTransition
+
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
@@ -48,12 +50,9 @@ DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
 HOST_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
     HostState.PARAMS: frozenset({HostState.GRADS, HostState.UPDATING}),
     HostState.GRADS: frozenset({HostState.PARAMS, HostState.UPDATING}),
-    HostState.UPDATING: frozenset({HostState.PARAMS}),
+    # GRADS: an update that failed before it took the host buffer's gradients.
+    HostState.UPDATING: frozenset({HostState.PARAMS, HostState.GRADS}),
 }
-
-
-class IllegalTransition(AssertionError):
-    """A chunk was asked to move between states that the transition table forbids."""
 
 
 @dataclass(eq=False)

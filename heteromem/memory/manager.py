@@ -43,6 +43,10 @@ class ChunkManager:
         self.fp32 = chunks[0].dtype == torch.float32 if chunks else False
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.update_stall_seconds = 0.0
+        # Set by the optimizer: called as (chunk, exception) when an update failed.
+        self.on_update_failed = None
+        # Why a forward with autograd on must wait (a step that failed part-way), or None.
+        self.unfinished_step: str | None = None
         self._nvme: NvmeTier | None = None
         # Most chunks (not kept on the device) pinned at once so far: what paging needs. (A
         # chunk's keep_on_device only changes while it is unpinned, so the count stays true.)
@@ -434,12 +438,18 @@ class ChunkManager:
             return
         if not chunk.update.done():
             start = time.perf_counter()
-            chunk.update.result()
+            chunk.update.exception()  # waits without raising
             end = time.perf_counter()
             self.update_stall_seconds += end - start
             self.timeline.stall(start, end, "update")
         future, chunk.update = chunk.update, None
-        future.result()  # re-raises an update failure here, in the training thread
+        error = future.exception()
+        if error is not None:
+            # The optimizer puts back what the update did not do, here in the training
+            # thread, and raises.
+            if self.on_update_failed is None:
+                raise error
+            self.on_update_failed(chunk, error)
 
     def restore_device_values(self, chunk: Chunk) -> None:
         """Discarding gradients of a chunk whose state is on the device: slots holding a

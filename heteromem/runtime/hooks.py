@@ -21,11 +21,13 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
 
+from heteromem.errors import UpdateError
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.manager import ChunkManager
 from heteromem.runtime.backward_step import StepInBackward
@@ -44,6 +46,16 @@ def _needing_grad(value: Any) -> list[torch.Tensor]:
     if isinstance(value, tuple) and all(isinstance(t, torch.Tensor) for t in value):
         return [t for t in value if t.requires_grad]
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _weak_grad_hook(hooks: "Hooks"):
+    ref = weakref.ref(hooks)
+
+    def grad_hook(param: torch.nn.Parameter) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._grad_hook(param)
+    return grad_hook
 
 
 class _Call:
@@ -83,9 +95,13 @@ class Hooks:
             # always_call: a forward that raises (including the early stop of a non-reentrant
             # checkpoint recomputation) must still release its chunks.
             self.handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+        # NOTE: torch's garbage collector does not look into a parameter's post-accumulate-grad
+        # hooks, so a hook holding this object (which holds the parameter) would keep the model
+        # alive forever; the hook holds it weakly.
+        grad_hook = _weak_grad_hook(self)
         for slot in slot_of.values():
             if slot.trainable:
-                self.handles.append(slot.param.register_post_accumulate_grad_hook(self._grad_hook))
+                self.handles.append(slot.param.register_post_accumulate_grad_hook(grad_hook))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -97,8 +113,13 @@ class Hooks:
     def _root_pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         if _graph_task() != -1:  # a recomputation inside backward, not a new forward
             return
-        if self.in_backward is not None and torch.is_grad_enabled():
-            self.in_backward.before_forward()
+        if torch.is_grad_enabled():
+            if self.manager.unfinished_step is not None:
+                # Its gradients wait for opt.step() or opt.zero_grad(): a backward now would
+                # silently add this batch's gradients to them.
+                raise UpdateError(f"heteromem: {self.manager.unfinished_step}")
+            if self.in_backward is not None:
+                self.in_backward.before_forward()
         # Before re-packing: its moves belong to the iteration that runs with the new layout.
         self.manager.timeline.new_iteration()
         if self.first_use and self.on_first_use_order is not None:

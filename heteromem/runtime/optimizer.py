@@ -18,11 +18,34 @@ from dataclasses import dataclass
 import torch
 
 import heteromem.ops as hm_ops
+from heteromem.errors import UpdateError, storage_error
 from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
 from heteromem.memory.manager import ChunkManager
 from heteromem.runtime.backward_step import StepInBackward
+from heteromem.runtime.hyperparams import check_param_groups
 from heteromem.runtime.scaler import LossScaler
 from heteromem.runtime.update_queue import UpdateQueue
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What a chunk's update changed on the training thread when it was started, so that a
+    failure can be put back: each slot's gradient location before the update took it, and
+    the scale its gradients are divided by (a retried step must use the same)."""
+
+    chunk: Chunk
+    runs: list
+    grad_scale: float
+    slots: list[tuple[ParamSlot, str | None, bool, slice | None]]  # slot, grad_loc, reduced, range
+
+
+class _RunsFailed(Exception):
+    """Raised by a chunk's update (worker thread) when run `done` failed: runs before it were
+    applied whole, that one and those after it not at all."""
+
+    def __init__(self, done: int, cause: BaseException) -> None:
+        super().__init__(f"{done} run(s) applied before {cause!r}")
+        self.done, self.cause = done, cause
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,12 @@ class HeteroAdam(torch.optim.Optimizer):
         # Set when every backward pass is a step: updates then start during backward.
         self.in_backward = StepInBackward(self) if step_in_backward else None
         self._order: dict[int, int] = {}  # chunk index -> place in the forward order
+        # id(chunk) -> how its update in flight was started (see `_update_failed`).
+        self._launched: dict[int, _Launch] = {}
+        # A step that failed part-way: the gradient scale a retry must use (set while parts
+        # of that step are unfinished, None otherwise).
+        self._retry_scale: float | None = None
+        manager.on_update_failed = self._update_failed
         # The global gradient norm of the last step (before clipping), when clipping or fp16
         # loss scaling needed it; None otherwise.
         self.last_grad_norm: float | None = None
@@ -83,6 +112,7 @@ class HeteroAdam(torch.optim.Optimizer):
         for chunk in self._chunks():
             self._discard(chunk)
         self._grads_scaled_by = 1.0
+        self._step_finished()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,6 +120,11 @@ class HeteroAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            check_param_groups(self.param_groups, "opt.step()")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc}. Nothing was updated and the gradients are kept: fix "
+                            "opt.param_groups and call opt.step() again") from None
         manager = self.manager
         manager.timeline.mark("step")
         manager.end_backward()
@@ -98,28 +133,15 @@ class HeteroAdam(torch.optim.Optimizer):
         sources = {id(c): src for c in self._chunks()
                    if (src := manager.grad_source(c)) is not None}
         chunks = [c for c in self._chunks() if id(c) in sources]
-        loss_scale, self._grads_scaled_by = self._grads_scaled_by, 1.0
-        # The global norm is one more pass over every gradient, on the critical path before
-        # the first update: taken only when clipping or loss scaling needs it.
-        norm = None
-        # Sharded models sum gradients over ranks; the update uses their mean.
-        divisor = loss_scale * manager.grad_divisor
-        if self.max_grad_norm is not None or self.scaler is not None:
-            norm = self._global_norm(chunks, sources) / divisor
-        self.last_grad_norm = norm
-        found_inf = self.scaler is not None and not math.isfinite(norm)
-        if found_inf:
-            self.scaler.update(True)
-            self.skipped_steps += 1
-            for chunk in chunks:
-                self._discard(chunk)
-            self._step_done()
-            return loss
-        grad_scale = divisor
-        if self.max_grad_norm is not None and math.isfinite(norm):
-            # As torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
-            # (A non-finite norm is not clipped: the update propagates inf/nan as torch would.)
-            grad_scale = divisor / min(1.0, self.max_grad_norm / (norm + 1e-6))
+        retry = self._retry_scale is not None
+        if retry:
+            # Finishing a step that failed part-way: its norm, clipping and loss scale were
+            # settled when it began, and the parts it did update must not count twice.
+            grad_scale = self._retry_scale
+        else:
+            grad_scale = self._grad_scale(chunks, sources)
+            if grad_scale is None:  # fp16 overflow: the step is skipped
+                return loss
         self._order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
         chunks.sort(key=self._priority)
         runs = {id(c): self._runs(c) for c in chunks}
@@ -127,24 +149,63 @@ class HeteroAdam(torch.optim.Optimizer):
         # nothing of the model or optimizer has changed yet (see `_nvme_failed`).
         on_nvme = [c for c in chunks if c.nvme is not None]
         if manager.nvme is not None and (on_nvme or manager.agree_nvme is not None):
+            touched: list[Chunk] = []
+
+            def update(c: Chunk, master, exp_avg, exp_avg_sq) -> None:
+                touched.append(c)
+                self._apply(c, sources[id(c)], runs[id(c)], grad_scale, master, exp_avg,
+                            exp_avg_sq)
             # Sharded, every rank takes part (its NVMe chunks may have no gradient this step).
             try:
-                manager.nvme.step(on_nvme, lambda c, master, exp_avg, exp_avg_sq: self._apply(
-                    c, sources[id(c)], runs[id(c)], grad_scale, master, exp_avg, exp_avg_sq),
-                    agree=manager.agree_nvme)
-            except OSError as err:
-                self._nvme_failed(chunks, on_nvme, err)
-        if self.scaler is not None:
+                manager.nvme.step(on_nvme, update, agree=manager.agree_nvme)
+            except (OSError, _RunsFailed) as err:
+                self._nvme_failed(touched, err, grad_scale)
+        if self.scaler is not None and not retry:
             self.scaler.update(False)
-        for chunk in chunks:
-            self._count_step(chunk)
         for chunk in on_nvme:
+            self._count_step(chunk)
             self._finish(chunk, sources[id(chunk)])
+        # From here a failure of one chunk's update leaves the others' as they are: the
+        # scale is kept until every chunk is done (see `_update_failed`).
+        self._retry_scale = grad_scale
         for chunk in chunks:
             if chunk.nvme is None:
                 self._launch(chunk, sources[id(chunk)], runs[id(chunk)], grad_scale)
+        self._grads_scaled_by = 1.0
+        self._step_finished()
         self._step_done()
         return loss
+
+    def _grad_scale(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float | None:
+        """What this step divides the gradients by (loss scale, ranks, clipping); None when
+        fp16 loss scaling found an overflow, in which case the step is skipped here."""
+        manager = self.manager
+        # The global norm is one more pass over every gradient, on the critical path before
+        # the first update: taken only when clipping or loss scaling needs it.
+        norm = None
+        # Sharded models sum gradients over ranks; the update uses their mean.
+        divisor = self._grads_scaled_by * manager.grad_divisor
+        if self.max_grad_norm is not None or self.scaler is not None:
+            norm = self._global_norm(chunks, sources) / divisor
+        self.last_grad_norm = norm
+        if self.scaler is not None and not math.isfinite(norm):
+            self.scaler.update(True)
+            self.skipped_steps += 1
+            for chunk in chunks:
+                self._discard(chunk)
+            self._grads_scaled_by = 1.0
+            self._step_done()
+            return None
+        if self.max_grad_norm is not None and math.isfinite(norm):
+            # As torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
+            # (A non-finite norm is not clipped: the update propagates inf/nan as torch would.)
+            return divisor / min(1.0, self.max_grad_norm / (norm + 1e-6))
+        return divisor
+
+    def _step_finished(self) -> None:
+        """No part of a step is left unfinished (it completed, or zero_grad dropped it)."""
+        self._retry_scale = None
+        self.manager.unfinished_step = None
 
     @torch.no_grad()
     def update_during_backward(self, chunk: Chunk) -> None:
@@ -156,7 +217,6 @@ class HeteroAdam(torch.optim.Optimizer):
         landed, chunk.d2h_event = chunk.d2h_event, None
         source = manager.grad_source(chunk)
         runs = self._runs(chunk)
-        self._count_step(chunk)
         self._launch(chunk, source, runs, float(manager.grad_divisor), landed)
 
     def _step_done(self) -> None:
@@ -179,39 +239,112 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def _launch(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
                 landed: object = None) -> None:
-        """Starts the update of a host- or device-state chunk (not NVMe). `landed`: the CUDA
-        event of the copy that brought its gradients home, if not yet waited for."""
+        """Starts the update of a host- or device-state chunk (not NVMe): its step counts move
+        on and its gradients are taken. `landed`: the CUDA event of the copy that brought its
+        gradients home, if not yet waited for."""
+        ranges = {id(slot): sl for slot, sl in self.manager.grad_ranges(chunk)}
+        launch = _Launch(chunk, runs, grad_scale,
+                         [(s, s.grad_loc, s.reduced, ranges.get(id(s))) for s in chunk.slots])
+        self._count_step(chunk)
         chunk.move_host(HostState.UPDATING)
         if chunk.states_on_device:
             # GPU Adam, queued on the current stream: nothing to wait for on the host.
-            self._update(chunk, source, runs, grad_scale)
+            try:
+                _update_chunk(chunk, source, runs, grad_scale, self.adamw)
+            except _RunsFailed as exc:
+                self._roll_back(launch, exc.done)
+                raise self._failure(chunk, exc.cause) from exc.cause
         else:
-            chunk.update = self._worker.submit(self._priority(chunk), self._update, chunk,
-                                               source, runs, grad_scale, landed)
+            # NOTE: the worker gets the chunk and tensors, not the optimizer: a model dropped
+            # while its updates run is freed as soon as they end.
+            self._launched[id(chunk)] = launch
+            chunk.update = self._worker.submit(self._priority(chunk), _update_chunk, chunk,
+                                               source, runs, grad_scale, self.adamw, landed)
 
-    def _nvme_failed(self, chunks: list[Chunk], on_nvme: list[Chunk], err: OSError) -> None:
-        """Puts everything back as it was before the step (the files still hold the old
-        states; host buffers the update overwrote get their values back from them), drops
-        this step's gradients, and raises."""
+    def _update_failed(self, chunk: Chunk, exc: BaseException) -> None:
+        """Called on the training thread by the manager when it finds that the update of
+        `chunk` on the worker failed: puts back what that update did not do, and raises."""
+        launch = self._launched.pop(id(chunk))
+        done = exc.done if isinstance(exc, _RunsFailed) else 0
+        cause = exc.cause if isinstance(exc, _RunsFailed) else exc
+        self._roll_back(launch, done)
+        raise self._failure(chunk, cause) from cause
+
+    def _roll_back(self, launch: _Launch, done: int) -> None:
+        """The first `done` runs of the update were applied, the rest not: parameters in the
+        rest get their gradients and step counts back, so `opt.step()` can finish the step
+        with the same gradient scale, or `opt.zero_grad()` drop it."""
+        chunk = launch.chunk
+        applied_to = launch.runs[done - 1].end if done > 0 else -1
+        source_cleared = []
+        pending = False
+        for slot, grad_loc, reduced, sl in launch.slots:
+            if sl is None or slot.group < 0:
+                continue
+            if sl.stop <= applied_to:
+                source_cleared.append(sl)  # updated: its gradient is used up
+                continue
+            slot.step -= 1
+            slot.grad_loc, slot.reduced = grad_loc, reduced
+            pending = True
+        for sl in source_cleared:
+            for buffer in (chunk.acc, chunk.grad_shard):
+                if buffer is not None:
+                    buffer[sl].zero_()
+        host_grads = any(s.grad_loc == "host" for s in chunk.slots)
+        chunk.move_host(HostState.GRADS if host_grads else HostState.PARAMS)
+        if done > 0 and not chunk.states_on_device:
+            chunk.device_stale = True  # the host has new values for the applied part
+        if pending:
+            self._retry_scale = launch.grad_scale
+            self.manager.unfinished_step = (
+                "the last opt.step() did not finish (see the error it raised): call opt.step() "
+                "to finish it, or opt.zero_grad() to drop its remaining gradients, before the "
+                "next forward")
+
+    @staticmethod
+    def _failure(chunk: Chunk, cause: BaseException) -> UpdateError:
+        return UpdateError(
+            f"heteromem: the optimizer update of chunk {chunk.index} failed: "
+            f"{type(cause).__name__}: {cause}. Its parameters that were not updated keep their "
+            "values from before the step and their gradients; fix the cause, then call "
+            "opt.step() to finish the step (nothing is updated twice) or opt.zero_grad() to "
+            "drop it")
+
+    def _nvme_failed(self, touched: list[Chunk], err: BaseException, grad_scale: float) -> None:
+        """Puts back what the failed NVMe step changed and raises. The files still hold every
+        chunk's states from before the step (the copies did not flip), so only host buffers
+        the update wrote new parameters into (`touched`) get their values back from them;
+        every gradient is kept, for `opt.step()` to take the step again or `opt.zero_grad()`
+        to drop it."""
         try:
-            for chunk in on_nvme:
-                # The update wrote new parameters into the host buffer (never in GRADS state:
-                # gradients of NVMe chunks gather in their accumulation buffer).
+            for chunk in touched:
+                # (Never in GRADS state: gradients of NVMe chunks gather in their accumulation
+                # buffer, so the host buffer holds values, which the update overwrote.)
                 self.manager.restore_host(chunk)
                 chunk.device_stale = True
-            for chunk in chunks:
-                self._discard(chunk)
         except OSError as again:
-            raise OSError(again.errno, (
-                f"heteromem: an optimizer step failed on the NVMe tier ({err}) and restoring "
-                f"the parameters from it failed too ({again}); the optimizer states on disk are "
-                "those from before the step, but this process cannot read them: restart from "
-                "your last checkpoint")) from err
-        raise OSError(err.errno, (
-            f"heteromem: optimizer step failed on the NVMe tier: {err}. Nothing was updated: "
-            "parameters and optimizer states are those from before this step, and this step's "
-            "gradients were dropped; fix the cause (e.g. free disk space under nvme_dir) and "
-            "continue training")) from err
+            raise storage_error(again.errno, (
+                f"heteromem: an optimizer step failed on the NVMe tier ({err}) and putting the "
+                f"parameters back from the states on disk failed too ({again}); the states on "
+                "disk are those from before the step, but this process cannot read them: "
+                "restart from your last checkpoint"), again.filename) from err
+        self._retry_scale = grad_scale
+        self.manager.unfinished_step = (
+            "the last opt.step() failed (see the error it raised): call opt.step() to take it "
+            "again, or opt.zero_grad() to drop its gradients, before the next forward")
+        if isinstance(err, _RunsFailed):
+            raise UpdateError(
+                f"heteromem: the optimizer step failed: {type(err.cause).__name__}: "
+                f"{err.cause}. Nothing was updated: parameters and optimizer states are those "
+                "from before this step, and its gradients are kept. Fix the cause, then call "
+                "opt.step() to take the step, or opt.zero_grad() to drop it") from err.cause
+        raise storage_error(err.errno, (
+            f"heteromem: the optimizer step failed on the NVMe tier: {err}. Nothing was "
+            "updated: parameters and optimizer states are those from before this step, and its "
+            "gradients are kept. Fix the cause (e.g. free disk space under nvme_dir), then call "
+            "opt.step() to take the step, or opt.zero_grad() to drop it"),
+            err.filename) from err
 
     def synchronize(self) -> None:
         """Waits for every queued update (state_dict, checkpoints, reports call this)."""
@@ -282,40 +415,11 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def _apply(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
                master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        """The fused Adam calls of one chunk over the given states; the new compute-dtype
-        values go to the device copy (state on the device) or the host buffer."""
-        on_device = chunk.states_on_device
-        target = chunk.device_view() if on_device else chunk.host
-        # fp32 compute: the parameter is the master itself, unless the master lives elsewhere
-        # (device copy, NVMe), in which case it is copied over after the update.
-        copy_master = chunk.dtype == torch.float32 and target is not master
-        for run in runs:
-            sl = slice(run.start, run.end)
-            lowp = None if chunk.dtype == torch.float32 else target[sl]
-            hm_ops.adam_step_(master[sl], source[sl], exp_avg[sl], exp_avg_sq[sl],
-                              step=run.step, lr=run.lr, betas=run.betas, eps=run.eps,
-                              weight_decay=run.weight_decay, adamw=self.adamw,
-                              grad_scale=grad_scale, param_lowp=lowp)
-            if copy_master:
-                target[sl].copy_(master[sl])
+        _apply_runs(chunk, source, runs, grad_scale, self.adamw, master, exp_avg, exp_avg_sq)
 
-    def _finish(self, chunk: Chunk, source: torch.Tensor) -> None:
-        if source is chunk.acc or source is chunk.grad_shard:
-            source.zero_()
-        if chunk.states_on_device:
-            if chunk.device_state is DeviceState.MIXED:
-                chunk.move_device(DeviceState.PARAMS)
-        else:
-            chunk.device_stale = True
-        if chunk.host_state is not HostState.PARAMS:
-            chunk.move_host(HostState.PARAMS)
-
-    def _update(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run],
-                grad_scale: float, landed: object = None) -> None:
-        if landed is not None:
-            landed.synchronize()
-        self._apply(chunk, source, runs, grad_scale, chunk.master, chunk.exp_avg, chunk.exp_avg_sq)
-        self._finish(chunk, source)
+    @staticmethod
+    def _finish(chunk: Chunk, source: torch.Tensor) -> None:
+        _finish_chunk(chunk, source)
 
     def state_dict(self):
         raise NotImplementedError(
@@ -326,3 +430,58 @@ class HeteroAdam(torch.optim.Optimizer):
         raise NotImplementedError(
             "heteromem's optimizer state lives in chunks: load it with "
             "hm.load_checkpoint(path, model, opt)")
+
+
+# ---------------------------------------------------------------------- the update itself
+# Module functions, not methods: the worker thread must not hold the optimizer.
+
+def _apply_runs(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
+                adamw: bool, master: torch.Tensor, exp_avg: torch.Tensor,
+                exp_avg_sq: torch.Tensor) -> None:
+    """The fused Adam calls of one chunk over the given states; the new compute-dtype values
+    go to the device copy (state on the device) or the host buffer. Raises `_RunsFailed`
+    saying how many runs were applied (each run is applied whole or not at all: the op
+    checks its arguments before it writes)."""
+    on_device = chunk.states_on_device
+    target = chunk.device_view() if on_device else chunk.host
+    # fp32 compute: the parameter is the master itself, unless the master lives elsewhere
+    # (device copy, NVMe), in which case it is copied over after the update.
+    copy_master = chunk.dtype == torch.float32 and target is not master
+    for done, run in enumerate(runs):
+        sl = slice(run.start, run.end)
+        lowp = None if chunk.dtype == torch.float32 else target[sl]
+        try:
+            hm_ops.adam_step_(master[sl], source[sl], exp_avg[sl], exp_avg_sq[sl],
+                              step=run.step, lr=run.lr, betas=run.betas, eps=run.eps,
+                              weight_decay=run.weight_decay, adamw=adamw,
+                              grad_scale=grad_scale, param_lowp=lowp)
+        except Exception as exc:
+            raise _RunsFailed(done, exc) from exc
+        if copy_master:
+            target[sl].copy_(master[sl])
+
+
+def _finish_chunk(chunk: Chunk, source: torch.Tensor) -> None:
+    """The chunk's update is complete: its gradient buffer is cleared and its copies say so."""
+    if source is chunk.acc or source is chunk.grad_shard:
+        source.zero_()
+    if chunk.states_on_device:
+        if chunk.device_state is DeviceState.MIXED:
+            chunk.move_device(DeviceState.PARAMS)
+    else:
+        chunk.device_stale = True
+    if chunk.host_state is not HostState.PARAMS:
+        chunk.move_host(HostState.PARAMS)
+
+
+def _update_chunk(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
+                  adamw: bool, landed: object = None) -> None:
+    """A host- or device-state chunk's whole update (on the worker for host states)."""
+    if landed is not None:
+        try:
+            landed.synchronize()
+        except Exception as exc:
+            raise _RunsFailed(0, exc) from exc
+    _apply_runs(chunk, source, runs, grad_scale, adamw, chunk.master, chunk.exp_avg,
+                chunk.exp_avg_sq)
+    _finish_chunk(chunk, source)

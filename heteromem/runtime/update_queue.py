@@ -54,9 +54,16 @@ class UpdateQueue:
                 _, _, future, fn, args = heapq.heappop(self._heap)
             if not future.set_running_or_notify_cancel():
                 continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to whoever waits on the future
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            _call(future, fn, args)
+            # NOTE: the call and its arguments (chunks, tensors) must not outlive the call in
+            # this frame while the thread lingers: dropping a model frees them at once.
+            del fn, args, future
+
+
+def _call(future: Future, fn: Callable, args: tuple) -> None:
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # handed to whoever waits on the future
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

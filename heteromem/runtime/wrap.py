@@ -23,6 +23,7 @@ from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
 from heteromem.memory.tiers import Tier
 from heteromem.runtime.hooks import Hooks
+from heteromem.runtime.hyperparams import check_adam_group
 from heteromem.runtime.optimizer import HeteroAdam
 from heteromem.runtime.report import Report, TierReport
 from heteromem.runtime.scaler import LossScaler
@@ -82,6 +83,7 @@ def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) 
                      betas=tuple(adam_kwargs.get("betas", (0.9, 0.999))),
                      eps=adam_kwargs.get("eps", 1e-8),
                      weight_decay=adam_kwargs.get("weight_decay", 0.01 if adamw else 0.0))
+        check_adam_group(group, "hm.wrap")
         return [group], adamw
     if adam_kwargs:
         raise ValueError(f"hm.wrap: pass Adam options either through the optimizer or as keywords, "
@@ -101,6 +103,7 @@ def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) 
                 raise ValueError(f"hm.wrap: optimizer param group {i} holds a tensor of shape "
                                  f"{tuple(p.shape)} that is not a parameter of the model")
         groups.append({k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")})
+        check_adam_group(groups[-1], f"hm.wrap: optimizer param group {i}")
     if isinstance(optimizer, torch.optim.AdamW):
         adamw = True
     else:
@@ -315,25 +318,34 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                 "host, or leave step_in_backward False")
         check_nvme_dir(nvme_dir, len(on_nvme) * file_bytes(host_capacity))
 
-    buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
+    # NOTE: from here on the model changes; a failure puts it back as it was (parameters,
+    # buffers) and removes the NVMe folder, so a refused wrap leaves nothing behind.
+    undo = _Undo(model, slots)
     nvme = None
-    if nvme_dir is not None:
-        nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, staging_slots, host_tier,
-                        pin=dev.type == "cuda", owner=model)
-    _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
-                 on_nvme=on_nvme)
-    if comm is None:
-        manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
-    else:
-        manager = ShardedChunkManager(chunks, dev, device_tier, host_tier, slab_bytes, comm=comm)
-    manager.nvme = nvme
-    for slot in slots:
-        slot.param.data = manager.placeholder(dtype)
-        slot.param._heteromem_slot = slot
-    for chunk in chunks:
-        if id(chunk) in kept:
-            chunk.keep_on_device = True
-            manager.release(manager.acquire(chunk.slots))
+    try:
+        buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
+        if nvme_dir is not None:
+            nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, staging_slots, host_tier,
+                            pin=dev.type == "cuda", owner=model)
+            undo.nvme = nvme
+        _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
+                     on_nvme=on_nvme)
+        if comm is None:
+            manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
+        else:
+            manager = ShardedChunkManager(chunks, dev, device_tier, host_tier, slab_bytes,
+                                          comm=comm)
+        manager.nvme = nvme
+        for slot in slots:
+            slot.param.data = manager.placeholder(dtype)
+            slot.param._heteromem_slot = slot
+        for chunk in chunks:
+            if id(chunk) in kept:
+                chunk.keep_on_device = True
+                manager.release(manager.acquire(chunk.slots))
+    except BaseException:
+        undo()
+        raise
     hooks = Hooks(manager, model, slots_by_module, slot_of)
     trainable = [s for s in slots if s.trainable]
     opt = None
@@ -354,6 +366,25 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     model._heteromem = state
     install_state_dict_methods(model, state)
     return model, opt
+
+
+class _Undo:
+    """Puts a model back as it was before a wrap that failed part-way."""
+
+    def __init__(self, model: torch.nn.Module, slots: list[ParamSlot]) -> None:
+        self.params = [(s.param, s.param.data) for s in slots]
+        self.buffers = [(m, dict(m._buffers)) for m in model.modules() if m._buffers]
+        self.nvme: NvmeTier | None = None
+
+    def __call__(self) -> None:
+        for param, data in self.params:
+            param.data = data
+            if hasattr(param, "_heteromem_slot"):
+                del param._heteromem_slot
+        for module, buffers in self.buffers:
+            module._buffers.update(buffers)
+        if self.nvme is not None:
+            self.nvme.close()
 
 
 def _check_step_in_backward(step_in_backward: object, max_grad_norm: float | None,

@@ -4,7 +4,9 @@ written, and a clear message where matplotlib is missing."""
 
 from __future__ import annotations
 
+import collections
 import sys
+import threading
 import time
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 
 import heteromem as hm
 from heteromem.memory.nvme import DEFAULT_STAGING_SLOTS, STATES, region_bytes
-from heteromem.runtime.optimizer import HeteroAdam
+from heteromem.memory.manager import ChunkManager
+from heteromem.runtime import optimizer
 from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, param_bytes, train_steps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,15 +76,34 @@ def test_timeline_between_iterations_is_the_last_complete_one():
 
 
 def test_update_stalls_are_marked_inside_the_iteration(monkeypatch):
-    """Slow optimizer updates make the next forward wait for them: those waits are stalls."""
-    update = HeteroAdam._update
+    """Updates still running when the next forward needs their chunk make it wait: those
+    waits are stalls. (Each update here holds back until the training thread waits for its
+    chunk, so the forward surely meets updates in flight, however fast the machine.)"""
+    waited: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+    wait_update, update_chunk = ChunkManager._wait_update, optimizer._update_chunk
 
-    def slow_update(self, *args, **kwargs):
-        time.sleep(0.005)
-        return update(self, *args, **kwargs)
+    def noting_wait(self, chunk):
+        if chunk.update is not None:
+            waited[id(chunk)].set()
+        return wait_update(self, chunk)
 
-    monkeypatch.setattr(HeteroAdam, "_update", slow_update)
-    report = hm.report(_trained())
+    released = threading.Event()  # set at the end: the last step's updates go free
+
+    def held_update(chunk, *args, **kwargs):
+        event = waited[id(chunk)]
+        if not released.is_set():
+            event.wait(timeout=2.0)  # (a safety net: the training thread waits in chunk order)
+        event.clear()
+        return update_chunk(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(ChunkManager, "_wait_update", noting_wait)
+    monkeypatch.setattr(optimizer, "_update_chunk", held_update)
+    model = _trained()
+    report = hm.report(model)
+    released.set()
+    for event in list(waited.values()):
+        event.set()
+    model._heteromem.synchronize()
     _assert_well_formed(report)
     stalls = [s for s in report.timeline.stalls if s[2] == "update"]
     assert stalls and all(end > start for start, end, _ in stalls)

@@ -308,3 +308,36 @@ def test_host_budget_too_small_without_nvme_dir_suggests_it():
     with pytest.raises(hm.OutOfMemory, match="nvme_dir") as info:
         hm.wrap(_small(), **kwargs)
     assert info.value.tier == "host"
+
+
+def test_a_wrap_that_fails_part_way_removes_its_folder_and_leaves_the_model_as_it_was(
+        tmp_path, monkeypatch):
+    """The disk fails while wrap writes the initial optimizer states: the error comes out,
+    the `heteromem-<pid>-*` folder is gone at once (not at exit), and the model is unchanged
+    and can be wrapped again."""
+    from heteromem.memory.nvme import NvmeTier
+
+    cfg, ref, model = gpt_pair()
+    kwargs = _nvme_kwargs(ref, tmp_path, 4, 0.0, torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = NvmeTier.place
+    calls = []
+
+    def failing(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(NvmeTier, "place", failing)
+    with pytest.raises(OSError, match="injected"):
+        hm.wrap(model, lr=1e-3, **kwargs)
+    assert len(calls) == 3
+    assert _state_dirs(tmp_path) == []
+    assert getattr(model, "_heteromem", None) is None
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    monkeypatch.undo()
+    model, opt = hm.wrap(model, lr=1e-3, **kwargs)
+    _train(model, opt, gpt_batches(cfg, 1))
+    assert len(_state_dirs(tmp_path)) == 1

@@ -18,6 +18,7 @@ rank fails, every rank raises and the previous checkpoint stays the published on
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import os
 import shutil
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from heteromem.errors import storage_error
 from heteromem.memory.chunk import Chunk
 from heteromem.runtime.checkpoint import layout
 from heteromem.runtime.checkpoint.state import (buffers, check_optimizer, check_quiet, describe,
@@ -81,9 +83,10 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _write_file(path: str, parts: list[torch.Tensor]) -> tuple[int, str]:
-    """Writes the tensors back to back, fsyncs; returns (bytes, xxh3-64)."""
+    """Writes the tensors back to back, fsyncs; returns (bytes, xxh3-64). A failure is a
+    `StorageError` naming the file."""
     h, size = layout.hasher(), 0
-    with open(path, "wb", buffering=0) as f:
+    with layout.naming(path), open(path, "wb", buffering=0) as f:
         for part in parts:
             view = _as_bytes(part)
             h.update(view)
@@ -93,6 +96,14 @@ def _write_file(path: str, parts: list[torch.Tensor]) -> tuple[int, str]:
                 size += written
         os.fsync(f.fileno())
     return size, h.hexdigest()
+
+
+def _failed(root: str, exc: OSError) -> OSError:
+    """A write of a save failed: the error names the file and the checkpoint."""
+    return storage_error(exc.errno, f"save_checkpoint: saving to {root!r} failed ({exc}); "
+                        "nothing was published: the checkpoint there is still the previous "
+                        "complete one. Free space (or raise the file size limit) and save again",
+                        exc.filename)
 
 
 def _write_extra(tmp: str, blob: dict, rank: int | None) -> tuple[int, str]:
@@ -184,8 +195,8 @@ def _tmp_dir(root: str, comm) -> str:
     tmp, error = comm.broadcast_object((tmp, error), "save_checkpoint: starting",
                                        group=comm.checkpoint_group)
     if error is not None:
-        raise OSError(f"save_checkpoint: rank 0 could not create the checkpoint folder under "
-                      f"{root!r}: {error}")
+        raise storage_error(errno.EIO, f"save_checkpoint: rank 0 could not create the "
+                            f"checkpoint folder under {root!r}: {error}")
     return tmp
 
 
@@ -233,6 +244,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     except Exception as exc:
         if comm is None:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _failed(root, exc) from exc
             raise
         # The other ranks wait for this one in _finish: tell them (it raises for all).
         _finish(root, tmp, manifest, {}, comm, error=f"{type(exc).__name__}: {exc}")
@@ -242,7 +255,13 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if blocking:
-        _finish(root, tmp, manifest, files, comm)
+        try:
+            _finish(root, tmp, manifest, files, comm)
+        except OSError as exc:
+            if comm is not None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _failed(root, exc) from exc
         return
     save = _Save(root)
 
