@@ -204,8 +204,11 @@ def test_checkpoint_save(benchmark, state: State, bench_dir: Path, numel: int, s
                            iterations=1)
         if not benchmark.enabled:  # --benchmark-disable runs once and skips the teardown
             finish()
-            if case in ("blocking-save", "flash-save"):
-                assert version_bytes(target) == (state.nbytes, state.files)
+        if case in ("blocking-save", "flash-save"):
+            # What was timed is a checkpoint: the size it should have, and it loads.
+            hm.wait_checkpoint()
+            assert version_bytes(target) == (state.nbytes, state.files)
+            hm.load_checkpoint(target, state.model, state.opt)
     finally:
         hm.wait_checkpoint()
         remove(target)

@@ -17,6 +17,7 @@ memcpy), both in fp32, to show the paging overhead where no GPU exists.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -42,16 +43,32 @@ def _config(device: str, tokens_k: int = 16) -> tuple[GPTConfig, int]:
     return GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=256), 8
 
 
-def _step_fn(model, opt, batch, autocast: bool, device: str):
+def _step_fn(model, opt, batch, autocast: bool, device: str, losses: list):
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
         if device == "cuda":
             torch.cuda.synchronize()
     return step
+
+
+def _check_trained(model, opt, variant: str, losses: list) -> None:
+    """What was timed really trained: every step's loss is finite, it falls on the repeated
+    batch, and every trainable parameter took every step."""
+    values = [float(x) for x in losses]
+    assert values and all(math.isfinite(v) for v in values), values
+    if len(values) > 2:
+        assert values[-1] < values[0], values
+    if variant == "plain":
+        steps = {int(s["step"]) for s in opt.state.values()}
+    else:
+        opt.synchronize()
+        steps = {s.step for s in model._heteromem.slots if s.trainable}
+    assert steps == {len(values)}, (steps, len(values))
 
 
 def _run(benchmark, device: str, variant: str, tokens_k: int = 16) -> None:
@@ -60,10 +77,12 @@ def _run(benchmark, device: str, variant: str, tokens_k: int = 16) -> None:
     base = GPT(cfg)
     n_params = sum(p.numel() for p in base.parameters())
     batch = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), device=device)
+    losses: list[torch.Tensor] = []
     if variant == "plain":
         model = copy.deepcopy(base).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        step = _step_fn(model, opt, batch, autocast=device == "cuda", device=device)
+        step = _step_fn(model, opt, batch, autocast=device == "cuda", device=device,
+                        losses=losses)
         budget = None
     else:
         # On the CPU both variants compute in fp32 (plain has no autocast there, and bf16
@@ -76,7 +95,7 @@ def _run(benchmark, device: str, variant: str, tokens_k: int = 16) -> None:
         model, opt = hm.wrap(copy.deepcopy(base), lr=1e-4, device=device, dtype=dtype,
                              device_memory=budget, chunk_mb=chunk_bytes / 2**20,
                              step_in_backward=variant == "wrapped-step-in-backward")
-        step = _step_fn(model, opt, batch, autocast=False, device=device)
+        step = _step_fn(model, opt, batch, autocast=False, device=device, losses=losses)
     rounds = 3 if quick_mode() else 10
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
     tokens = batch_size * cfg.block_size
@@ -88,6 +107,9 @@ def _run(benchmark, device: str, variant: str, tokens_k: int = 16) -> None:
         benchmark.extra_info["report"] = str(hm.report(model))
     if getattr(opt, "in_backward", None) is not None:
         benchmark.extra_info["chunks_updated_in_backward"] = opt.in_backward.chunks_updated
+        if len(losses) > 1:  # the first step has no expectation: it updates in opt.step()
+            assert opt.in_backward.chunks_updated > 0
+    _check_trained(model, opt, variant, losses)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

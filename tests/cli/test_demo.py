@@ -3,6 +3,8 @@ timeline where asked (or says why it could not)."""
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 
 import pytest
@@ -30,17 +32,40 @@ def test_demo_without_matplotlib_still_trains(tmp_path, capsys, monkeypatch):
     assert not path.exists()
 
 
+# Enough steps, batch and learning rate for the loss to fall clearly on the demo's task.
+LEARNS = ["--steps", "30", "--batch", "8", "--lr", "1e-2"]
+
+
+def _learned(out: str) -> None:
+    """The demo's summary says the loss fell by a good margin, and the device tier stayed
+    within its budget."""
+    match = re.search(r"loss (\S+) -> (\S+) over 30 steps", out)
+    assert match, out
+    first, last = float(match.group(1)), float(match.group(2))
+    assert math.isfinite(last) and last < 0.85 * first, (first, last)
+    device = re.search(r"^device\s+(\S+ \S+)\s+(\S+ \S+)\s+(\S+ \S+)", out, re.M)
+    assert device, out
+    budget, peak = (_bytes(device.group(k)) for k in (1, 3))
+    assert 0 < peak <= budget
+
+
+def _bytes(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_demo_at_a_tiny_width_in_low_precision_trains(dtype):
+def test_demo_at_a_tiny_width_in_low_precision_trains(dtype, capsys):
     """A model of a few chunks: the budget floor keeps the chunks a step pins at once (the
     tied embedding's and the position embedding's, through the end of the backward)."""
     tiny = [a if a != "fp32" else dtype for a in TINY]
-    assert main(tiny + ["--no-plot"]) == 0
+    assert main(tiny + LEARNS + ["--no-plot"]) == 0
+    _learned(capsys.readouterr().out)
 
 
 def test_demo_with_updates_during_backward_trains(capsys):
-    assert main(TINY + ["--no-plot", "--step-in-backward"]) == 0
-    assert "loss" in capsys.readouterr().out
+    assert main(TINY + LEARNS + ["--no-plot", "--step-in-backward"]) == 0
+    _learned(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("flags,problem", [

@@ -165,12 +165,19 @@ def test_an_nvme_fault_on_one_rank_undoes_the_step_on_every_rank(tmp_path):
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    config = _config(dtype="float16", steps=4, overflow_at=[1, 2])
+    config = _config(dtype="float16", steps=4, overflow_at=[1, 2], state_dict=True)
     got = _run(2, config, tmp_path)
     reports = _reports(tmp_path, 2)
     assert [rep["skipped"] for rep in reports] == [[0, 0, 1, 0]] * 2
-    assert reports[0]["scale"] == reports[1]["scale"] < 2.0 ** 16
-    assert all(abs(x) < 100 for x in got["losses"][3:])
+    assert reports[0]["scale"] == reports[1]["scale"] == 2.0 ** 15
+    # The same fp16 training in one process, overflowing at the same step: the same losses
+    # and parameters (to the rounding of summing gradients over ranks), so the skipped step
+    # changed nothing on either rank and the others trained as usual.
+    one = _run(1, dict(config, overflow_at=[0, 2]), tmp_path / "one")
+    assert [x for k, x in enumerate(got["losses"]) if k != 2] == pytest.approx(
+        [x for k, x in enumerate(one["losses"]) if k != 2], rel=1e-3)
+    assert_params_close(torch.load(tmp_path / "params.pt"),
+                        torch.load(tmp_path / "one" / "params.pt"), tol=1e-2)
 
 
 def test_checkpoint_saved_at_two_ranks_resumes_at_two_three_and_one(tmp_path):
@@ -249,8 +256,8 @@ def test_a_rank_that_dies_or_raises_fails_the_others_with_a_clear_error(how, tmp
                       tmp_path, timeout=120)
     assert codes[0] == 0 and codes[1] != 0, logs(tmp_path)
     error = json.loads((tmp_path / "error0.json").read_text())
+    # (run_ranks fails the test if rank 0 hangs instead of raising.)
     assert "rank 0 of 2" in error["message"] and "resume" in error["message"]
-    assert error["seconds"] < timeout + 15
 
 
 def test_launched_with_torchrun(tmp_path):

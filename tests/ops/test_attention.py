@@ -365,3 +365,61 @@ def test_cuda_training_falls_back_where_the_backward_does_not_fit(monkeypatch):
         out = hm.ops.attention(q, k, v, causal=True)
     out.float().sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor where only metadata is read (kernel_unsupported is pure
+    Python: its every branch runs here, without a GPU)."""
+
+    def __init__(self, shape, dtype=torch.bfloat16, requires_grad=False) -> None:
+        self.shape, self.dtype, self.requires_grad = tuple(shape), dtype, requires_grad
+        self.device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("q,k,v,capability,smem,grad,reason", [
+    ((1, 2, 64, 64), None, None, (9, 0), 232448, True, None),
+    ((1, 2, 64, 64), None, None, (9, 0), 232448, False, None),
+    ((1, 2, 64, 64, "float32"), None, None, (9, 0), 232448, False, "dtype float32"),
+    ((1, 2, 64, 64), None, (1, 2, 64, 32), (9, 0), 232448, False, "v's head_dim 32"),
+    ((1, 2, 64, 60), None, (1, 2, 64, 60), (9, 0), 232448, False, "head_dim 60"),
+    ((1, 2, 64, 256), None, (1, 2, 64, 256), (9, 0), 232448, False, "head_dim 256"),
+    ((70000, 2, 64, 64), None, None, (9, 0), 232448, False, "batch 70000"),
+    ((1, 2, 64, 64), (1, 2, 2**31, 64), None, (9, 0), 232448, False, "sequence length"),
+    ((1, 2, 64, 64), None, None, (7, 5), 232448, False, "compute capability 8.0"),
+    ((1, 2, 64, 128), None, (1, 2, 64, 128), (8, 6), 101376, True, "training on this GPU"),
+    ((1, 2, 64, 64), None, None, (8, 6), 101376, False, None),  # inference fits
+], ids=["trains", "infers", "fp32", "v-dim", "dim-60", "dim-256", "batch", "seq", "sm75",
+        "small-smem", "small-smem-inference"])
+def test_kernel_unsupported_names_why_for_each_limit(monkeypatch, q, k, v, capability, smem,
+                                                     grad, reason):
+    from heteromem import _ext
+    attention_module = importlib.import_module("heteromem.ops.attention")
+
+    def fake(shape):
+        if shape is None:
+            return None
+        dtype = getattr(torch, shape[4]) if len(shape) > 4 else torch.bfloat16
+        return _FakeCuda(shape[:4], dtype, requires_grad=grad)
+    fq = fake(q)
+    fk = fake(k) or _FakeCuda(q[:4], fq.dtype, grad)
+    fv = fake(v) or _FakeCuda(q[:4], fq.dtype, grad)
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("P", (), {"shared_memory_per_block_optin": smem}))
+    got = attention_module.kernel_unsupported(fq, fk, fv)
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and reason in got, got
+
+
+def test_kernel_unsupported_without_cuda_kernels_or_on_the_cpu(monkeypatch):
+    from heteromem import _ext
+    attention_module = importlib.import_module("heteromem.ops.attention")
+
+    q = torch.zeros(1, 2, 8, 64)
+    assert "cpu tensors" in attention_module.kernel_unsupported(q, q, q)
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, device: False)
+    fake = _FakeCuda((1, 2, 8, 64))
+    assert "CUDA" in attention_module.kernel_unsupported(fake, fake, fake)

@@ -162,17 +162,32 @@ def test_nested_modules_count_their_ancestors_parameters():
     opt.step()
 
 
-def test_a_budget_that_wrap_accepts_runs_a_training_step():
-    model = _gpt()
-    slab = _largest_bytes(model, 4) * 1.01
-    try:
-        model, opt = hm.wrap(model, device="cpu", dtype=torch.float32, chunk_mb=slab / 2**20,
-                             device_memory=int(slab * 2.5))
-    except hm.OutOfMemory:
-        return  # refusing the budget up front is just as good
-    idx, tgt = gpt_batches(model.cfg, 1)[0]
-    model(idx, tgt).backward()
-    opt.step()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_device_budget_wrap_accepts_trains_and_larger_ones_are_accepted_too(dtype):
+    """A sweep of device budgets from one slab to many: wrap refuses the small ones up front,
+    every budget it accepts runs training steps within it, and once one is accepted every
+    larger one is (a larger budget never fails where a smaller one works)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    slab = _largest_bytes(_gpt(), elem) * 1.01
+    accepted = []
+    for tenths in range(10, 60, 3):
+        model = _gpt()
+        try:
+            model, opt = hm.wrap(model, device="cpu", dtype=dtype, chunk_mb=slab / 2**20,
+                                 device_memory=int(slab * tenths / 10))
+        except hm.OutOfMemory as exc:
+            assert exc.tier == "device", exc
+            assert not accepted, f"{tenths / 10} slabs refused after {accepted[0] / 10} worked"
+            _assert_still_trains(model)
+            continue
+        for idx, tgt in gpt_batches(model.cfg, 3):
+            model(idx, tgt).backward()
+            opt.step()
+            opt.zero_grad()
+        report = hm.report(model).tiers["device"]
+        assert report.peak_bytes <= report.budget_bytes
+        accepted.append(tenths)
+    assert accepted and accepted[0] > 10, "the sweep must cross from refused to accepted"
 
 
 def test_wrapping_twice_is_refused():
