@@ -53,16 +53,23 @@ def promote(manager: ChunkManager, chunk: Chunk) -> None:
     manager.make_room(nbytes, f"optimizer state of chunk {chunk.index}")
     manager.device_tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}",
                                 advice="raise device_memory")
-    host_state_bytes = 0 if chunk.nvme is not None else chunk.state_bytes()
     # copy=True: the master must not stay the host buffer (fp32), nor a staging view (NVMe).
     chunk.master, chunk.exp_avg, chunk.exp_avg_sq = (
         t.to(manager.device, copy=True) for t in manager.states(chunk))
     if chunk.nvme is not None:
+        # Its image and host cache buffer are no longer needed: the device copy is home now.
         manager.nvme.drop(chunk)
-    if chunk.acc is not None:
+        manager.cache.forget(chunk)
+        chunk.states_on_device = True
+        return
+    # Its accumulation buffer will be on the device too: the host room goes with the states.
+    if chunk.acc is not None and not chunk.acc_planned:
         manager.host_tier.release(chunk.used * 4)
-        chunk.acc = None
-    manager.host_tier.release(host_state_bytes)
+    chunk.acc = None
+    if chunk.acc_planned:
+        manager.host_tier.release(chunk.used * 4)
+        chunk.acc_planned = False
+    manager.host_tier.release(chunk.state_bytes())
     chunk.states_on_device = True
 
 
@@ -76,5 +83,7 @@ def promote_planned(manager: ChunkManager, working_set_chunks: int, fixed_bytes:
             manager.evict(chunk)
     for chunk in plan:
         promote(manager, chunk)
+    if manager.nvme is not None and all(c.nvme is None for c in manager.chunks):
+        manager.nvme_emptied()  # every image moved to the device: files and cache go
     return len(plan)
 

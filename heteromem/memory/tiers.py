@@ -8,6 +8,7 @@ allocator.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +27,8 @@ class Tier:
     current: int = 0
     peak: int = 0
     recorder: Callable[["Tier"], None] | None = field(default=None, repr=False, compare=False)
+    # The update worker releases and reserves too (NVMe chunks' buffers).
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def left(self) -> int | None:
         return None if self.budget is None else self.budget - self.current
@@ -34,20 +37,22 @@ class Tier:
         return self.budget is None or self.current + nbytes <= self.budget
 
     def reserve(self, nbytes: int, what: str, advice: str) -> None:
-        if not self.fits(nbytes):
-            raise OutOfMemory(self.name, nbytes, max(self.left() or 0, 0), advice, what)
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        if self.recorder is not None:
-            self.recorder(self)
+        with self._lock:
+            if not self.fits(nbytes):
+                raise OutOfMemory(self.name, nbytes, max(self.left() or 0, 0), advice, what)
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            if self.recorder is not None:
+                self.recorder(self)
 
     def release(self, nbytes: int) -> None:
-        if nbytes > self.current:
-            raise AssertionError(f"{self.name} tier: releasing {nbytes} bytes but only "
-                                 f"{self.current} are reserved")
-        self.current -= nbytes
-        if self.recorder is not None:
-            self.recorder(self)
+        with self._lock:
+            if nbytes > self.current:
+                raise AssertionError(f"{self.name} tier: releasing {nbytes} bytes but only "
+                                     f"{self.current} are reserved")
+            self.current -= nbytes
+            if self.recorder is not None:
+                self.recorder(self)
 
 
 class DeviceChunkMemory:
