@@ -23,6 +23,7 @@ import torch
 import heteromem as hm
 from heteromem.distributed.shard import reduce_buffer_bytes, shardable_capacity
 from heteromem.errors import format_bytes
+from heteromem.memory.host_plan import cache_floor
 from heteromem.memory.nvme import staging_bytes
 from heteromem.models import GPT, GPTConfig
 from heteromem.runtime.wrap import chunk_capacity
@@ -45,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="compute dtype")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--nvme-dir", default=None,
-                        help="put every optimizer state in files under this directory (the "
-                             "host budget then holds only parameters, gradients and staging)")
+                        help="keep the training state in files under this directory, with a "
+                             "host budget of a few chunks (a staging pool and a host cache)")
     parser.add_argument("--step-in-backward", action="store_true",
                         help="start the optimizer updates during backward (hm.wrap's "
                              "step_in_backward; no gradient clipping then, bf16 or fp32)")
@@ -109,9 +110,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"--{name} must be > 0, got {getattr(args, name)}"
     if not 0 < args.budget_fraction <= 1:
         return f"--budget-fraction must be in (0, 1], got {args.budget_fraction}"
-    if args.step_in_backward and (args.dtype == "fp16" or args.nvme_dir is not None):
-        return ("--step-in-backward needs --dtype bf16 or fp32 and no --nvme-dir (loss scaling "
-                "and NVMe steps need every gradient before any update)")
+    if args.step_in_backward and args.dtype == "fp16":
+        return ("--step-in-backward needs --dtype bf16 or fp32 (loss scaling needs every "
+                "gradient before any update)")
     return None
 
 
@@ -145,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
         budget += reduce_buffer_bytes(shardable_capacity(capacity, world), world)
     nvme = {}
     if args.nvme_dir is not None:
-        # Host: parameters, fp32 gradient buffers and the staging pool; no optimizer state.
-        staging = staging_bytes(capacity)
-        nvme = dict(nvme_dir=args.nvme_dir, host_memory=param_bytes + n_params * 4 + staging
-                    + 64 * 6 * sum(1 for _ in model.parameters()))
+        # Host: the staging pool and a host cache a little larger than the fewest chunks a
+        # step holds at once, so the training state lives on NVMe and pages through.
+        nvme = dict(nvme_dir=args.nvme_dir, nvme_staging=staging_bytes(capacity, 2, dtype),
+                    host_memory=staging_bytes(capacity, 2, dtype)
+                    + cache_floor(capacity, dtype, 2 * MIN_DEVICE_CHUNKS))
     model, opt = hm.wrap(model, lr=args.lr, weight_decay=0.01, device=args.device, dtype=dtype,
                          device_memory=budget, chunk_mb=chunk_mb,
                          max_grad_norm=None if args.step_in_backward else 1.0,
@@ -161,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
           + (f"and only {budget / param_bytes:.0%} of the parameters" if budget < param_bytes
              else f"{MIN_DEVICE_CHUNKS} chunks: the fewest a step holds at once")
           + f"), on {dev}"
-          + (f", sharded over {world} ranks ({args.batch} sequences each)" if world > 1 else ""))
+          + (f", sharded over {world} ranks ({args.batch} sequences each)" if world > 1 else "")
+          + (f"; host budget {format_bytes(nvme['host_memory'])} "
+             f"({state_bytes / nvme['host_memory']:.1f}x smaller than the state), the rest on "
+             f"NVMe under {args.nvme_dir}" if nvme else ""))
     gen = torch.Generator().manual_seed(1 + rank)
     first_loss = None
     tokens = 0

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs (state is sharded across them)")
     parser.add_argument("--host-memory", default=None, help="host memory for heteromem, e.g. 512GiB")
-    parser.add_argument("--nvme", default=None, help="disk space for optimizer states, e.g. 4TiB")
+    parser.add_argument("--nvme", default=None,
+                        help="disk space for the chunks the host cannot hold, e.g. 4TiB")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1, help="sequences per GPU per micro-batch")
@@ -29,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-checkpointing", action="store_true",
                         help="plan without activation checkpointing")
     parser.add_argument("--chunk-mb", type=float, default=None)
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="fine-tune LoRA adapters of this rank on every linear layer, the "
+                             "base model frozen")
+    parser.add_argument("--trainable", type=float, default=None,
+                        help="the trainable fraction of the parameters (the rest frozen)")
     parser.add_argument("--calibrate", action="store_true",
                         help="measure this machine's figures (CPU Adam, copies, GPU, NVMe with "
                              "--nvme-dir) and store them for later plans")
@@ -50,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                       nvme=args.nvme, gpus=args.gpus, dtype=_DTYPES[args.dtype],
                       seq_len=args.seq_len, batch=args.batch,
                       grad_accumulation=args.grad_accumulation,
-                      checkpointing=not args.no_checkpointing, chunk_mb=args.chunk_mb)
+                      checkpointing=not args.no_checkpointing, chunk_mb=args.chunk_mb,
+                      trainable=args.trainable, lora_rank=args.lora_rank)
     except (ValueError, TypeError) as exc:
         print(f"python -m heteromem plan: {exc}")
         return 2

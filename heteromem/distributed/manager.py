@@ -114,9 +114,7 @@ class ShardedChunkManager(ChunkManager):
             self._flush(chunk)
 
     def _grad_shard(self, chunk: Chunk) -> torch.Tensor:
-        if chunk.grad_shard is None:
-            self.host_tier.reserve(chunk.host_len * 4, f"gradient of chunk {chunk.index}",
-                                   advice="raise host_memory or lower chunk_mb")
+        if chunk.grad_shard is None:  # (its room was planned at wrap: host_plan.py)
             chunk.grad_shard = torch.zeros(chunk.host_len, dtype=FP32,
                                            pin_memory=self.copies.cuda)
         return chunk.grad_shard

@@ -11,6 +11,10 @@ Where each parameter's gradient currently is (`ParamSlot.grad_loc`) is tracked p
   "device"  in the parameter's own slot of the device copy (its value is no longer needed)
   "host"    in its slot of the host buffer (copied back; the host value is then a gradient)
   "acc"     added into the chunk's fp32 accumulation buffer (gradient accumulation, reuse)
+  "nvme"    written to the NVMe tier by the host cache (`Chunk.grad_spill`), until the step
+
+A chunk whose image lives on the NVMe tier (`Chunk.nvme`) has a host buffer only while the host
+cache holds it (`host` is None otherwise; `host_read` is the ticket of a read in flight).
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Chunk:
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
     acc: torch.Tensor | None = None         # fp32 gradient accumulation, allocated on demand
+    acc_planned: bool = False    # room for `acc` was reserved on the host tier at wrap
     device_buffer: torch.Tensor | None = None  # storage allocated only while resident
     allocated: bool = False
     device_state: DeviceState = DeviceState.ABSENT
@@ -107,7 +112,9 @@ class Chunk:
     soft_pins: int = 0           # backward calls that may still need it (evictable last)
     keep_on_device: bool = False
     states_on_device: bool = False  # master/moments (and gradients) live on the device tier
-    nvme: object = None          # NvmeStates when master/moments live on the NVMe tier
+    nvme: object = None          # NvmeImage when the chunk's image lives on the NVMe tier
+    host_read: int | None = None  # ticket of a read of the image's values into `host`
+    grad_spill: object = None    # SpilledGrads: gradients the host cache wrote to NVMe
     load_event: object = None    # CUDA event of the copy that filled the device copy
     d2h_event: object = None     # CUDA event of the copy that filled the host buffer
     update: Future | None = None  # optimizer update in flight
@@ -147,6 +154,11 @@ class Chunk:
     def device_view(self) -> torch.Tensor:
         assert self.allocated, f"chunk {self.index} has no device copy"
         return self.device_buffer[: self.used]
+
+    def image_bytes_on_host(self) -> int:
+        """Bytes a host-resident chunk keeps on the host: parameters and (trainable) fp32
+        states, the master being the parameter buffer itself in fp32."""
+        return self.host_len * self.dtype.itemsize + self.state_bytes()
 
     def state_bytes(self) -> int:
         """Bytes of the chunk's optimizer state off the device: fp32 master, exp_avg and

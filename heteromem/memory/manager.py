@@ -21,9 +21,11 @@ from heteromem.memory.timeline import TimelineRecorder
 from heteromem.memory.tracer import Trace
 
 if TYPE_CHECKING:
+    from heteromem.memory.host_cache import HostCache
     from heteromem.memory.nvme import NvmeTier
 
 PREFETCH_CHUNKS = 2
+HOST_PREFETCH_CHUNKS = 2
 
 
 class ChunkManager:
@@ -48,6 +50,13 @@ class ChunkManager:
         # Why a forward with autograd on must wait (a step that failed part-way), or None.
         self.unfinished_step: str | None = None
         self._nvme: NvmeTier | None = None
+        # Host buffers of the chunks whose image is on NVMe (set by wrap with the NVMe tier).
+        self.cache: HostCache | None = None
+        # Chunks read ahead from NVMe into the host cache, beyond the device prefetch.
+        self.host_prefetch_depth = HOST_PREFETCH_CHUNKS
+        # NVMe bytes (read, written) of the last whole iteration, and at the current one's start.
+        self.last_iteration_io: tuple[int, int] | None = None
+        self._iteration_io: tuple[int, int] | None = None
         # Most chunks (not kept on the device) pinned at once so far: what paging needs. (A
         # chunk's keep_on_device only changes while it is unpinned, so the count stays true.)
         self.peak_pinned = 0
@@ -68,6 +77,31 @@ class ChunkManager:
         if nvme is not None:  # its file bytes and waits join the memory timeline
             self.timeline.add_tier(nvme.tier)
             nvme.on_stall = self.timeline.stall
+
+    def count_iteration(self) -> None:
+        """An iteration begins: NVMe bytes read and written in the one that ended are kept
+        (the report's per-step figures)."""
+        if self.nvme is None:
+            return
+        now = (self.nvme.bytes_read, self.nvme.bytes_written)
+        start = self._iteration_io
+        if start is not None:
+            self.last_iteration_io = (now[0] - start[0], now[1] - start[1])
+        self._iteration_io = now
+
+    def nvme_emptied(self) -> None:
+        """No chunk has an image on NVMe any more: the pool files and the host cache's room
+        are given back."""
+        self.nvme.remove_pools()
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    def use_cache(self, cache: HostCache) -> None:
+        self.cache = cache
+        cache.trace = self.trace
+        cache.before_evict = self._host_buffer_idle
+        cache.wait_update = self._wait_update
 
     # ------------------------------------------------------------------ parameter views
 
@@ -154,6 +188,8 @@ class ChunkManager:
             self._activate_acc(chunk)
         if not chunk.allocated:
             self._allocate(chunk)
+        if chunk.nvme is not None:
+            self.cache.ensure(chunk)  # (after _allocate: its evictions may need the cache)
         chunk.load_event = self._fill_device(chunk)
         chunk.move_device(DeviceState.LOADING)
         chunk.device_stale = False
@@ -228,7 +264,10 @@ class ChunkManager:
         """Start copying the chunks the trace expects next, so the copy overlaps
         the compute before their use. When no slab is free, a chunk whose next use comes
         later than the prefetched one's is evicted for it (what furthest-next-use eviction
-        would do at that chunk's use anyway, only earlier)."""
+        would do at that chunk's use anyway, only earlier). Chunks on NVMe are read into the
+        host cache further ahead still."""
+        if self.cache is not None and not self.deterministic:
+            self._prefetch_host()
         if not self.prefetch_depth:
             return
         for index in self.trace.upcoming(self.prefetch_depth):
@@ -248,6 +287,24 @@ class ChunkManager:
                     return
                 self.evict(victim)
             self._make_resident(chunk)
+
+    def _prefetch_host(self) -> None:
+        for index in self.trace.upcoming(self.prefetch_depth + self.host_prefetch_depth):
+            chunk = self.chunks[index]
+            if chunk.nvme is None or (chunk.resident and not chunk.device_stale):
+                continue
+            if chunk.update is not None and not chunk.update.done():
+                return  # its image is being rewritten
+            if not self.cache.prefetch(chunk):
+                return
+
+    def _host_buffer_idle(self, chunk: Chunk) -> None:
+        """Waits for the copies that read or fill the chunk's host buffer."""
+        if chunk.device_state is DeviceState.LOADING:
+            self._settle(chunk, block=True)
+        if chunk.d2h_event is not None:
+            self.copies.wait_for_host_use(chunk.d2h_event)
+            chunk.d2h_event = None
 
     # ------------------------------------------------------------------ gradients
 
@@ -300,11 +357,14 @@ class ChunkManager:
         if not on_device:
             chunk.move_device(DeviceState.PARAMS)
             return
-        acc_in_use = any(s.grad_loc == "acc" for s in chunk.slots)
-        # NOTE: states on NVMe: the master is on disk, so the host buffer keeps the values
-        # (wrap planned room for the accumulation buffer when it put states there).
-        if (not acc_in_use and not self.fp32 and chunk.host_state is HostState.PARAMS
-                and chunk.nvme is None):
+        acc_in_use = any(s.grad_loc in ("acc", "nvme") for s in chunk.slots)
+        # NOTE: the whole device copy goes into the host buffer in one piece: its values
+        # come back from the fp32 master (or, on NVMe, the image) if they are needed again.
+        # In fp32 the host buffer *is* the master, so gradients go to the accumulation buffer.
+        if (not acc_in_use and (not self.fp32 or chunk.nvme is not None)
+                and chunk.host_state is HostState.PARAMS):
+            if chunk.nvme is not None:
+                self.cache.buffer_for_grads(chunk)
             chunk.d2h_event = self.copies.d2h(chunk.host[: chunk.used], chunk.device_view())
             chunk.move_host(HostState.GRADS)
             for slot in on_device:
@@ -331,6 +391,8 @@ class ChunkManager:
             if chunk.states_on_device:  # the host copy is not kept current for these chunks
                 view[slot.range].copy_(chunk.master[slot.range])
             else:
+                if chunk.nvme is not None:
+                    self.cache.ensure(chunk)
                 events.append(self.copies.h2d(view[slot.range], chunk.host[slot.range]))
         for event in events:
             self.copies.wait_for_device_use(event)
@@ -346,19 +408,26 @@ class ChunkManager:
 
     def _activate_acc(self, chunk: Chunk) -> None:
         """Gives the chunk an fp32 gradient accumulation buffer and moves host gradients into
-        it, restoring the parameter values on the host from the fp32 master."""
+        it, restoring the parameter values on the host from the fp32 master (or the image)."""
         if chunk.acc is None:
             nbytes = chunk.used * 4
-            tier = self.device_tier if chunk.states_on_device else self.host_tier
+            what = f"gradient accumulation of chunk {chunk.index}"
             if chunk.states_on_device:
-                self.make_room(nbytes, f"gradient accumulation of chunk {chunk.index}", exclude=chunk)
-            tier.reserve(nbytes, f"gradient accumulation of chunk {chunk.index}",
-                         advice=f"raise {tier.name}_memory or lower chunk_mb")
-            if chunk.states_on_device:
+                self.make_room(nbytes, what, exclude=chunk)
+                self.device_tier.reserve(nbytes, what,
+                                         advice="raise device_memory or lower chunk_mb")
                 chunk.acc = torch.zeros(chunk.used, dtype=torch.float32, device=self.device)
             else:
+                if chunk.nvme is not None:
+                    self.cache.reserve_acc(chunk, nbytes)
+                elif not chunk.acc_planned:  # (planned at wrap: host_plan.py)
+                    self.host_tier.reserve(nbytes, what,
+                                           advice="raise host_memory or lower chunk_mb")
                 chunk.acc = torch.zeros(chunk.used, dtype=torch.float32,
                                         pin_memory=self.copies.cuda)
+        if chunk.grad_spill is not None:
+            # Gradients the host cache wrote to NVMe join the buffer again.
+            self._read_spilled_into_acc(chunk)
         if chunk.host_state is HostState.GRADS:
             self.copies.wait_for_host_use(chunk.d2h_event)
             chunk.d2h_event = None
@@ -369,24 +438,72 @@ class ChunkManager:
             self.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
 
+    def _read_spilled_into_acc(self, chunk: Chunk) -> None:
+        spill = chunk.grad_spill
+        nvme = self.nvme
+        nvme.reserve_staging()
+        with nvme.staging_lock:
+            staging = nvme.slots[0]
+            nvme.wait(nvme.submit_read_grads(chunk, staging))
+            grads = staging.grads(spill.dtype, spill.used)
+            for slot in chunk.slots:
+                if slot.grad_loc == "nvme":
+                    chunk.acc[slot.range].add_(grads[slot.range])
+                    slot.grad_loc = "acc"
+        nvme.drop_grads(chunk)
+
     def restore_host(self, chunk: Chunk) -> None:
-        """The host buffer gets its parameter values back from the fp32 master (after it
-        held gradients, or an update that was undone)."""
+        """The host buffer gets its parameter values back from the fp32 master, or from the
+        image on NVMe (after it held gradients, or an update that was undone)."""
+        if chunk.nvme is not None:
+            self.cache.reload(chunk)
+            return
         chunk.host[: chunk.host_len].copy_(self.states(chunk)[0])
 
     def states(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A trainable chunk's fp32 master, exp_avg and exp_avg_sq where they live now (host or
-        device tensors). States on NVMe are read into staging slot 0: the views stay valid
-        until that slot is used again, and `nvme.store(chunk)` writes changes back."""
+        device tensors). An image on NVMe is read into staging slot 0: the views stay valid
+        until that slot is used again, and `store_image(chunk)` writes changes back."""
         if chunk.nvme is not None:
-            return self.nvme.load(chunk)
+            image = self.image(chunk)
+            return image.get("master", image["params"]), image["exp_avg"], image["exp_avg_sq"]
         return chunk.master, chunk.exp_avg, chunk.exp_avg_sq
 
-    @staticmethod
-    def values(chunk: Chunk) -> torch.Tensor:
+    def image(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+        """Every tensor of the chunk by region name: params (compute dtype) and, trainable,
+        master (not in fp32, where the params are the master), exp_avg, exp_avg_sq. On NVMe,
+        views into staging slot 0, valid until it is used again (`store_image` writes them
+        back); else the live tensors."""
+        if chunk.nvme is not None:
+            return self.nvme.load(chunk)
+        out = {"params": self.values(chunk)}
+        if chunk.trainable:
+            if chunk.master is not chunk.host or chunk.states_on_device:
+                out["master"] = chunk.master
+            out.update(exp_avg=chunk.exp_avg, exp_avg_sq=chunk.exp_avg_sq)
+        return out
+
+    def store_image(self, chunk: Chunk) -> None:
+        """After the tensors `image` returned were changed: an NVMe image is written back
+        (atomically) and the host cache's copy of its values refreshed; the device copy is
+        marked stale."""
+        if chunk.nvme is not None:
+            self.nvme.store(chunk)
+            if chunk.host is not None:
+                params = self.nvme.slots[0].view("params", chunk.host_len, chunk.nvme.layout)
+                chunk.host[: chunk.host_len].copy_(params)
+        if chunk.resident and not chunk.states_on_device:
+            chunk.device_stale = True
+
+    def values(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's current parameter values in the compute dtype: the device copy when its
-        optimizer state lives there (the host copy is not kept then), else the host buffer."""
-        return chunk.device_view() if chunk.states_on_device else chunk.host[: chunk.host_len]
+        optimizer state lives there (the host copy is not kept then), else the host buffer
+        (read from the image first for a chunk on NVMe)."""
+        if chunk.states_on_device:
+            return chunk.device_view()
+        if chunk.nvme is not None:
+            self.cache.ensure(chunk)
+        return chunk.host[: chunk.host_len]
 
     def full(self, chunk: Chunk, mine: torch.Tensor) -> torch.Tensor:
         """A host tensor of this rank's (`mine`: host_len elements) as the whole chunk,
@@ -396,7 +513,8 @@ class ChunkManager:
     def grad_ranges(self, chunk: Chunk) -> list[tuple[ParamSlot, slice]]:
         """(slot, range in the gradient source and state buffers) of each slot with a
         gradient (sharded models: the part of it this rank owns)."""
-        return [(s, s.range) for s in chunk.slots if s.grad_loc in ("host", "acc", "device")]
+        return [(s, s.range) for s in chunk.slots
+                if s.grad_loc in ("host", "acc", "device", "nvme")]
 
     def sum_over_ranks(self, value: float) -> float:
         """`value` summed over the ranks a model is sharded over (itself on one rank)."""

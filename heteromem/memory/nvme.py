@@ -1,15 +1,23 @@
-"""The NVMe tier: optimizer states (fp32 master, exp_avg, exp_avg_sq) of chunks that do not fit
-the host budget, in files under `nvme_dir/heteromem-<pid>-<random>/`.
+"""The NVMe tier: everything a chunk owns, in files under `nvme_dir/heteromem-<pid>-<random>/`.
 
-Layout: one file per chunk holding two copies of its states, each copy three regions
-(master | exp_avg | exp_avg_sq) of `region` bytes, 4096-aligned for O_DIRECT. `current` says
-which copy is valid. An update reads the current copy into a staging slot, updates it there
-and writes it to the *other* copy; only when every chunk of the step has been written are the
-copies flipped. So a failed write (ENOSPC, EIO) leaves every chunk's current copy - the state
-from before the step - intact, and the step can simply be taken again.
+A chunk on this tier has an *image* on disk: its parameters in the compute dtype and, when
+trainable, its fp32 master (unless the parameters are the master, in fp32), exp_avg and
+exp_avg_sq, each region 4096-aligned for O_DIRECT. Images live in fixed-size slots of a pool
+file (one pool for trainable chunks, one for frozen ones). The disk holds one image per chunk
+plus a few spare slots: an update reads the chunk's states, writes the whole new image into a
+spare slot and then *commits* by pointing the chunk at that slot, the old one becoming the
+spare. So each chunk's update is atomic (its old image or its new one, never a mix), and a
+failed write leaves the old image in place.
+
+A sharded model commits only once every rank has written all its chunks (`agree`), so that no
+rank moves on without the others: its pools then hold a spare slot for every chunk.
+
+Gradients that the host cache cannot keep until `opt.step()` are spilled to a third pool, one
+slot per spilled chunk (compute dtype; fp32 while accumulating), read back by the step.
 
 Staging slots come from a bounded pool of aligned (pinned on CUDA) host buffers reserved on the
-host tier; the step pipeline reads ahead into free slots while it updates and writes back.
+host tier, each one image plus an fp32 gradient region; the step pipeline reads ahead into free
+slots while it updates and writes back.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 import time
 import weakref
 from collections import deque
@@ -31,53 +40,163 @@ from heteromem.memory.chunk import Chunk
 from heteromem.memory.tiers import Tier
 
 ALIGN = 4096
-STATES = 3  # master, exp_avg, exp_avg_sq
+STATES = 3  # master (or the fp32 parameters), exp_avg, exp_avg_sq
 DEFAULT_STAGING_SLOTS = 4
 MIN_STAGING_SLOTS = 2  # one updating while the next is read
+FP32 = torch.float32
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def region_bytes(capacity: int) -> int:
-    """Bytes of one fp32 state region of a chunk of `capacity` elements, 4096-aligned."""
-    return -(-capacity * 4 // ALIGN) * ALIGN
+    """Bytes of one fp32 region of a chunk of `capacity` elements, 4096-aligned."""
+    return aligned(capacity * 4)
 
 
-def file_bytes(capacity: int) -> int:
-    return 2 * STATES * region_bytes(capacity)
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where each region of a chunk's image is: name -> (byte offset, dtype)."""
+
+    capacity: int
+    dtype: torch.dtype
+    trainable: bool
+
+    @property
+    def regions(self) -> dict[str, tuple[int, torch.dtype]]:
+        names = [("params", self.dtype)]
+        if self.trainable:
+            if self.dtype != FP32:
+                names.append(("master", FP32))
+            names += [("exp_avg", FP32), ("exp_avg_sq", FP32)]
+        out, offset = {}, 0
+        for name, dtype in names:
+            out[name] = (offset, dtype)
+            offset += aligned(self.capacity * dtype.itemsize)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(aligned(self.capacity * d.itemsize) for _, d in self.regions.values())
+
+    def state_offset(self) -> int:
+        """Where the optimizer's regions start (the fp32 parameters are the master)."""
+        regions = self.regions
+        return regions["master" if "master" in regions else "params"][0]
 
 
-def staging_bytes(capacity: int, slots: int = DEFAULT_STAGING_SLOTS) -> int:
-    """Host bytes of a staging pool of `slots` slots, each one chunk's three states."""
-    return slots * STATES * region_bytes(capacity)
+def image_bytes(capacity: int, dtype: torch.dtype, trainable: bool = True) -> int:
+    return ImageLayout(capacity, dtype, trainable).nbytes
+
+
+def staging_bytes(capacity: int, slots: int = DEFAULT_STAGING_SLOTS,
+                  dtype: torch.dtype = torch.bfloat16) -> int:
+    """Host bytes of a staging pool of `slots` slots: a trainable image plus an fp32
+    gradient region each."""
+    return slots * (image_bytes(capacity, dtype) + region_bytes(capacity))
+
+
+def nvme_disk_bytes(capacity: int, dtype: torch.dtype, trainable: int, frozen: int,
+                    spares: int | None) -> int:
+    """Disk bytes of the image pools for `trainable` and `frozen` chunks plus `spares` spare
+    slots each (None: a spare per chunk)."""
+    total = 0
+    for n, t in ((trainable, True), (frozen, False)):
+        if n:
+            total += (n + (n if spares is None else spares)) * image_bytes(capacity, dtype, t)
+    return total
+
+
+class SlotPool:
+    """Fixed-size slots in one file; grows by whole slots (reserved on the nvme tier)."""
+
+    def __init__(self, engine: IoEngine, path: str, slot_bytes: int, tier: Tier,
+                 what: str) -> None:
+        self.engine, self.path, self.slot_bytes, self.tier, self.what = (
+            engine, path, slot_bytes, tier, what)
+        self.file: IoFile = engine.open(path, create=True)
+        self.count = 0
+        self.free: deque[int] = deque()
+        self._lock = threading.Lock()
+
+    def grow(self, slots: int) -> None:
+        if slots <= 0:
+            return
+        nbytes = slots * self.slot_bytes
+        self.tier.reserve(nbytes, self.what, advice=(
+            "free space under nvme_dir, or raise host_memory so fewer chunks go to NVMe"))
+        try:
+            self.engine.set_size(self.file, (self.count + slots) * self.slot_bytes)
+        except BaseException:
+            self.tier.release(nbytes)
+            raise
+        with self._lock:
+            self.free.extend(range(self.count, self.count + slots))
+            self.count += slots
+
+    def take(self) -> int:
+        with self._lock:
+            if self.free:
+                return self.free.popleft()
+        self.grow(1)
+        with self._lock:
+            return self.free.popleft()
+
+    def give(self, slot: int) -> None:
+        with self._lock:
+            self.free.append(slot)
+
+    def offset(self, slot: int) -> int:
+        return slot * self.slot_bytes
+
+    def close(self) -> None:
+        self.engine.close(self.file)
 
 
 @dataclass(eq=False)
-class NvmeStates:
-    """Where one chunk's optimizer states live on the NVMe tier."""
+class NvmeImage:
+    """Where a chunk's image is: its pool and slot."""
 
-    file: IoFile
-    current: int = 0  # which of the two copies holds the valid state
+    pool: SlotPool
+    slot: int
+    layout: ImageLayout
 
-    def copy_offset(self, copy: int, region: int) -> int:
-        return copy * STATES * region
+
+@dataclass(eq=False)
+class SpilledGrads:
+    """A chunk's gradients written out of the host cache until the step reads them."""
+
+    slot: int
+    dtype: torch.dtype  # the compute dtype, or fp32 for an accumulation buffer
+    used: int
+    # Per-slot squared norms, taken before writing: the global norm needs no read back.
+    sq_norms: dict[int, float]
 
 
 class StagingSlot:
-    """One aligned host buffer holding a chunk's three fp32 states."""
+    """One aligned host buffer: a trainable chunk's image, then an fp32 gradient region."""
 
-    def __init__(self, region: int, pin: bool) -> None:
-        self.region = region
-        self.buffer = aligned_empty(STATES * region, pin=pin)
+    def __init__(self, layout: ImageLayout, pin: bool) -> None:
+        self.layout = layout
+        self.grad_offset = layout.nbytes
+        self.buffer = aligned_empty(layout.nbytes + region_bytes(layout.capacity), pin=pin)
 
-    def states(self, used: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        views = [self.buffer[k * self.region:(k + 1) * self.region].view(torch.float32)[:used]
-                 for k in range(STATES)]
-        return views[0], views[1], views[2]
+    def view(self, name: str, used: int, layout: ImageLayout | None = None) -> torch.Tensor:
+        layout = layout or self.layout
+        offset, dtype = layout.regions[name]
+        return self.buffer[offset:offset + used * dtype.itemsize].view(dtype)
+
+    def image(self, layout: ImageLayout) -> torch.Tensor:
+        return self.buffer[:layout.nbytes]
+
+    def grads(self, dtype: torch.dtype, used: int) -> torch.Tensor:
+        return self.buffer[self.grad_offset:self.grad_offset + used * dtype.itemsize].view(dtype)
 
 
 class NvmeTier:
-    def __init__(self, nvme_dir: str, capacity: int, staging_slots: int, host_tier: Tier,
-                 pin: bool, owner: object) -> None:
-        self.region = region_bytes(capacity)
+    def __init__(self, nvme_dir: str, capacity: int, dtype: torch.dtype, staging_slots: int,
+                 host_tier: Tier, pin: bool, owner: object, spares: int | None) -> None:
         self.root = os.path.join(nvme_dir, f"heteromem-{os.getpid()}-{secrets.token_hex(4)}")
         os.makedirs(self.root)
         # Removed with the wrapped model, and at interpreter exit (finalize runs atexit too).
@@ -86,20 +205,45 @@ class NvmeTier:
         self.engine = IoEngine()
         self.host_tier = host_tier
         self.pin = pin
+        self.capacity, self.dtype = capacity, dtype
+        self.layouts = {t: ImageLayout(capacity, dtype, t) for t in (True, False)}
         self.slot_count = staging_slots
+        # Spare slots per pool: one per write that can be in flight (None: one per chunk,
+        # for steps that commit all at once).
+        self.spares = spares
         self.slots: list[StagingSlot] = []
-        self._files = 0
+        # Held while staging slots are in use (the update worker and the training thread
+        # both step chunks; loads and stores hold slot 0 between them only when quiet).
+        self.staging_lock = threading.RLock()
+        self._pools: dict[str, SlotPool] = {}
         self.bytes_read = 0
         self.bytes_written = 0
         self.wait_seconds = 0.0
         # Called with (start, end, "nvme") for each wait (the memory timeline).
         self.on_stall: Callable[[float, float, str], None] | None = None
 
-    # ------------------------------------------------------------------ staging pool
+    # ------------------------------------------------------------------ pools and staging
+
+    def pool(self, kind: str) -> SlotPool:
+        """'trainable' / 'frozen' images, or 'grads' (fp32-sized gradient slots)."""
+        if kind not in self._pools:
+            nbytes = (region_bytes(self.capacity) if kind == "grads"
+                      else self.layouts[kind == "trainable"].nbytes)
+            self._pools[kind] = SlotPool(self.engine, os.path.join(self.root, f"{kind}.bin"),
+                                         nbytes, self.tier, f"NVMe {kind} images")
+        return self._pools[kind]
+
+    def plan(self, trainable: int, frozen: int) -> None:
+        """Makes the pool files as large as `trainable` and `frozen` chunk images plus the
+        spares, up front (a full disk shows at wrap, not in the middle of training)."""
+        for kind, n in (("trainable", trainable), ("frozen", frozen)):
+            if n:
+                spares = n if self.spares is None else self.spares
+                self.pool(kind).grow(n + spares)
 
     @property
     def staging_bytes(self) -> int:
-        return self.slot_count * STATES * self.region
+        return staging_bytes(self.capacity, self.slot_count, self.dtype)
 
     def reserve_staging(self) -> None:
         """Allocates the staging pool (reserved on the host tier) unless it exists."""
@@ -107,46 +251,40 @@ class NvmeTier:
             return
         self.host_tier.reserve(self.staging_bytes, "the NVMe staging pool", advice=(
             "raise host_memory or lower nvme_staging"))
-        self.slots = [StagingSlot(self.region, self.pin) for _ in range(self.slot_count)]
+        self.slots = [StagingSlot(self.layouts[True], self.pin) for _ in range(self.slot_count)]
 
-    # ------------------------------------------------------------------ placing states
+    # ------------------------------------------------------------------ placing images
 
-    def place(self, chunk: Chunk, master: torch.Tensor, exp_avg: torch.Tensor | None,
-              exp_avg_sq: torch.Tensor | None) -> None:
-        """Gives `chunk` a file and writes the given states (None: zeros) as its current copy."""
-        nbytes = file_bytes(chunk.host_capacity)
-        self.tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}", advice=(
-            "free space under nvme_dir, or raise host_memory so fewer states go to NVMe"))
+    def _pool_of(self, chunk: Chunk) -> SlotPool:
+        return self.pool("trainable" if chunk.trainable else "frozen")
+
+    def staging_views(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+        """Staging slot 0 laid out as the chunk's image, zeroed, to be filled and then written
+        by `place_staged` (hold `staging_lock` across both)."""
+        self.reserve_staging()
+        layout = self.layouts[chunk.trainable]
+        staging = self.slots[0]
+        staging.image(layout).zero_()
+        return {name: staging.view(name, chunk.host_len, layout) for name in layout.regions}
+
+    def place_staged(self, chunk: Chunk) -> None:
+        """Gives `chunk` an image holding what `staging_views` returned."""
+        layout = self.layouts[chunk.trainable]
+        staging = self.slots[0]
+        pool = self._pool_of(chunk)
+        slot = pool.take()
         try:
-            path = os.path.join(self.root, f"states-{self._files:06d}.bin")
-            self._files += 1
-            f = self.engine.open(path, create=True)
-            self.engine.set_size(f, nbytes)
-            chunk.nvme = NvmeStates(f)
-            self.reserve_staging()
-            slot = self.slots[0]
-            for dst, src in zip(slot.states(chunk.host_len), (master, exp_avg, exp_avg_sq)):
-                if src is None:
-                    dst.zero_()
-                else:
-                    dst.copy_(src)
-            self._write(chunk, slot, copy=0)
+            self._wait(self._submit(pool, slot, staging.image(layout), write=True))
         except BaseException:
-            if chunk.nvme is not None:
-                self.drop(chunk)
-            else:
-                self.tier.release(nbytes)
+            pool.give(slot)
             raise
+        chunk.nvme = NvmeImage(pool, slot, layout)
 
     def drop(self, chunk: Chunk) -> None:
-        """Deletes the chunk's file (its states moved elsewhere)."""
-        states, chunk.nvme = chunk.nvme, None
-        self.engine.close(states.file)
-        try:
-            os.unlink(states.file.path)
-        except FileNotFoundError:
-            pass
-        self.tier.release(file_bytes(chunk.host_capacity))
+        """The chunk's image is no longer needed (its state moved elsewhere)."""
+        image, chunk.nvme = chunk.nvme, None
+        image.pool.give(image.slot)
+        self.drop_grads(chunk)
 
     # ------------------------------------------------------------------ reading and writing
 
@@ -160,101 +298,205 @@ class NvmeTier:
             if self.on_stall is not None:
                 self.on_stall(start, end, "nvme")
 
-    def _submit_read(self, chunk: Chunk, slot: StagingSlot) -> int:
-        states = chunk.nvme
-        self.bytes_read += slot.buffer.numel()
-        return self.engine.submit_read(states.file, states.copy_offset(states.current, self.region),
-                                       slot.buffer)
+    def _submit(self, pool: SlotPool, slot: int, buf: torch.Tensor, write: bool,
+                skip: int = 0) -> int:
+        offset = pool.offset(slot) + skip
+        if write:
+            self.bytes_written += buf.numel()
+            return self.engine.submit_write(pool.file, offset, buf)
+        self.bytes_read += buf.numel()
+        return self.engine.submit_read(pool.file, offset, buf)
 
-    def _submit_write(self, chunk: Chunk, slot: StagingSlot, copy: int) -> int:
-        states = chunk.nvme
-        self.bytes_written += slot.buffer.numel()
-        return self.engine.submit_write(states.file, states.copy_offset(copy, self.region),
-                                        slot.buffer)
+    def submit_read_params(self, chunk: Chunk, into: torch.Tensor) -> int:
+        """Starts reading the chunk's parameters (compute dtype) into the front of `into`, an
+        aligned uint8 host buffer of at least the aligned parameter bytes; returns the ticket
+        to wait."""
+        image = chunk.nvme
+        raw = into[: aligned(chunk.host_len * image.layout.dtype.itemsize)]
+        return self._submit(image.pool, image.slot, raw, write=False)
 
-    def _write(self, chunk: Chunk, slot: StagingSlot, copy: int) -> None:
-        self._wait(self._submit_write(chunk, slot, copy))
-        chunk.nvme.current = copy
+    def wait(self, ticket: int) -> None:
+        self._wait(ticket)
 
-    def load(self, chunk: Chunk, slot_index: int = 0) -> tuple[torch.Tensor, ...]:
-        """Reads the chunk's current states into staging slot `slot_index`; returns views
-        (master, exp_avg, exp_avg_sq) valid until that slot is used again."""
+    def submit_read_states(self, chunk: Chunk, staging: StagingSlot) -> int:
+        """Starts reading what an update needs of the image (the optimizer's regions; in fp32
+        the parameters, which are the master) into `staging`."""
+        image = chunk.nvme
+        start = image.layout.state_offset()
+        return self._submit(image.pool, image.slot,
+                            staging.image(image.layout)[start:], write=False, skip=start)
+
+    def submit_write_image(self, chunk: Chunk, staging: StagingSlot) -> tuple[int, int]:
+        """Starts writing `staging` as the chunk's new image into a spare slot; returns
+        (ticket, slot). `commit` makes it the chunk's image once the ticket is waited."""
+        image = chunk.nvme
+        slot = image.pool.take()
+        try:
+            return self._submit(image.pool, slot, staging.image(image.layout), write=True), slot
+        except BaseException:
+            image.pool.give(slot)
+            raise
+
+    def commit(self, chunk: Chunk, slot: int) -> None:
+        image = chunk.nvme
+        old, image.slot = image.slot, slot
+        image.pool.give(old)
+
+    def abandon(self, chunk: Chunk, slot: int) -> None:
+        chunk.nvme.pool.give(slot)
+
+    def load(self, chunk: Chunk, slot_index: int = 0) -> dict[str, torch.Tensor]:
+        """Reads the chunk's whole image into staging slot `slot_index`; returns views by
+        region name, valid until that slot is used again (`store` writes changes back)."""
         self.reserve_staging()
-        slot = self.slots[slot_index]
-        self._wait(self._submit_read(chunk, slot))
-        return slot.states(chunk.host_len)
+        staging = self.slots[slot_index]
+        image = chunk.nvme
+        with self.staging_lock:
+            self._wait(self._submit(image.pool, image.slot, staging.image(image.layout),
+                                    write=False))
+        return {name: staging.view(name, chunk.host_len, image.layout)
+                for name in image.layout.regions}
 
     def store(self, chunk: Chunk, slot_index: int = 0) -> None:
         """Writes staging slot `slot_index` (filled by `load` and changed) as the chunk's new
-        state: into the other copy, then flipped, so a failure keeps the old state."""
-        self._write(chunk, self.slots[slot_index], copy=1 - chunk.nvme.current)
+        image, atomically: into a spare slot, then committed."""
+        ticket, slot = self.submit_write_image(chunk, self.slots[slot_index])
+        try:
+            self._wait(ticket)
+        except BaseException:
+            self.abandon(chunk, slot)
+            raise
+        self.commit(chunk, slot)
+
+    # ------------------------------------------------------------------ spilled gradients
+
+    def spill_grads(self, chunk: Chunk, grads: torch.Tensor, sq_norms: dict[int, float]) -> None:
+        """Writes `grads` (the chunk's gradients, compute dtype or fp32) to a gradient slot."""
+        pool = self.pool("grads")
+        if chunk.grad_spill is None:
+            slot = pool.take()
+        else:
+            slot = chunk.grad_spill.slot
+        raw = grads.view(torch.uint8)
+        nbytes = aligned(raw.numel())
+        if raw.numel() != nbytes or raw.data_ptr() % ALIGN:
+            padded = aligned_empty(nbytes)
+            padded[: raw.numel()].copy_(raw)
+            raw = padded
+        try:
+            self._wait(self._submit(pool, slot, raw, write=True))
+        except BaseException:
+            if chunk.grad_spill is None:
+                pool.give(slot)
+            raise
+        chunk.grad_spill = SpilledGrads(slot, grads.dtype, grads.numel(), sq_norms)
+
+    def submit_read_grads(self, chunk: Chunk, staging: StagingSlot) -> int:
+        spill = chunk.grad_spill
+        view = staging.grads(spill.dtype, spill.used).view(torch.uint8)
+        raw = staging.buffer[staging.grad_offset:staging.grad_offset + aligned(view.numel())]
+        return self._submit(self.pool("grads"), spill.slot, raw, write=False)
+
+    def drop_grads(self, chunk: Chunk) -> None:
+        if chunk.grad_spill is not None:
+            self.pool("grads").give(chunk.grad_spill.slot)
+            chunk.grad_spill = None
 
     # ------------------------------------------------------------------ the optimizer step
 
     def step(self, chunks: list[Chunk],
-             update: Callable[[Chunk, torch.Tensor, torch.Tensor, torch.Tensor], None],
-             agree: Callable[[BaseException | None], BaseException | None] | None = None) -> None:
-        """Updates the states of `chunks`, all or nothing: read ahead into free staging
-        slots, `update(chunk, master, exp_avg, exp_avg_sq)` in the slot, write back to the
-        other copy; the copies flip only when every write has succeeded. On failure every
-        chunk keeps its current copy and the error is raised (after all I/O has stopped).
+             update: Callable[[Chunk, StagingSlot], None],
+             committed: Callable[[Chunk, StagingSlot], None],
+             agree: Callable[[BaseException | None], BaseException | None] | None = None
+             ) -> None:
+        """Updates the images of `chunks` in a pipeline: read each chunk's states (and spilled
+        gradients) ahead into free staging slots, `update(chunk, staging)` there, write the
+        new image into a spare slot, and commit it once written, calling
+        `committed(chunk, staging)` (before the staging slot is reused). A failure stops the
+        pipeline (after all I/O has stopped) and raises: the chunks committed by then keep
+        their new images, every other chunk its old one.
 
-        `agree` (sharded models) is called with this rank's outcome before the flip and
-        returns the error to raise, its own or another rank's: then no rank flips."""
+        `agree` (sharded models) is called with this rank's outcome once every write is done,
+        and returns the error to raise, its own or another rank's; commits wait for it, so
+        either every rank commits every chunk or none commits any. The staging slots are
+        reused meanwhile, so `committed` then gets None instead of the slot."""
         error = None
+        pending: list[tuple[Chunk, int]] = []  # written, not yet committed (agree)
         try:
-            self._step(chunks, update)
+            with self.staging_lock:
+                self._step(chunks, update, committed, pending if agree is not None else None)
         except BaseException as exc:  # noqa: BLE001  (raised below, after agreeing)
             error = exc
         if agree is not None:
             error = agree(error)
+            for chunk, slot in pending:
+                if error is None:
+                    self.commit(chunk, slot)
+                    committed(chunk, None)
+                else:
+                    self.abandon(chunk, slot)
         if error is not None:
             raise error
-        for chunk in chunks:
-            chunk.nvme.current = 1 - chunk.nvme.current
 
-    def _step(self, chunks: list[Chunk],
-              update: Callable[[Chunk, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+    def _step(self, chunks: list[Chunk], update, committed, deferred: list | None) -> None:
         if not chunks:
             return
         self.reserve_staging()
         free = deque(range(len(self.slots)))
-        reads: deque[tuple[Chunk, int, int]] = deque()
-        writes: deque[tuple[int, int]] = deque()
+        reads: deque[tuple[Chunk, int, list[int]]] = deque()
+        writes: deque[tuple[Chunk, int, int, int]] = deque()  # chunk, staging, slot, ticket
         next_read = 0
+
         def read_next() -> None:
             nonlocal next_read
-            slot_index = free.popleft()
+            staging = free.popleft()
             target = chunks[next_read]
-            reads.append((target, slot_index, self._submit_read(target, self.slots[slot_index])))
             next_read += 1
+            tickets = [self.submit_read_states(target, self.slots[staging])]
+            if target.grad_spill is not None:
+                tickets.append(self.submit_read_grads(target, self.slots[staging]))
+            reads.append((target, staging, tickets))
+
+        def finish_write() -> None:
+            chunk, staging, slot, ticket = writes.popleft()
+            try:
+                self._wait(ticket)
+            except BaseException:
+                self.abandon(chunk, slot)
+                raise
+            if deferred is not None:
+                deferred.append((chunk, slot))  # sharded: committed once every rank agrees
+            else:
+                self.commit(chunk, slot)
+                committed(chunk, self.slots[staging])
+            free.append(staging)
 
         try:
             for i, chunk in enumerate(chunks):
                 if next_read <= i:  # this chunk's read is not in flight yet: free a slot
-                    if not free:
-                        slot_index, ticket = writes.popleft()
-                        self._wait(ticket)
-                        free.append(slot_index)
+                    while not free:
+                        finish_write()
                     read_next()
                 while next_read < len(chunks) and free:  # read ahead into every free slot
                     read_next()
-                target, slot_index, ticket = reads.popleft()
+                target, staging, tickets = reads.popleft()
                 assert target is chunk
-                self._wait(ticket)
-                update(chunk, *self.slots[slot_index].states(chunk.used))
-                writes.append((slot_index, self._submit_write(
-                    chunk, self.slots[slot_index], 1 - chunk.nvme.current)))
+                for ticket in tickets:
+                    self._wait(ticket)
+                update(chunk, self.slots[staging])
+                ticket, slot = self.submit_write_image(chunk, self.slots[staging])
+                writes.append((chunk, staging, slot, ticket))
             while writes:
-                slot_index, ticket = writes.popleft()
-                self._wait(ticket)
+                finish_write()
         except BaseException:
             # Let every request in flight finish before the slots (and the caller's state)
             # are touched again; their own errors are secondary to the first one.
-            for _, _, ticket in reads:
+            for _, _, tickets in reads:
+                for ticket in tickets:
+                    self._drain(ticket)
+            for chunk, _, slot, ticket in writes:
                 self._drain(ticket)
-            for _, ticket in writes:
-                self._drain(ticket)
+                self.abandon(chunk, slot)
             raise
 
     def _drain(self, ticket: int) -> None:
@@ -265,14 +507,24 @@ class NvmeTier:
 
     # ------------------------------------------------------------------ lifetime
 
+    def remove_pools(self) -> None:
+        """Deletes every pool file (no chunk has an image any more) and frees its disk."""
+        for pool in self._pools.values():
+            pool.close()
+            self.tier.release(pool.count * pool.slot_bytes)
+            os.unlink(pool.path)
+        self._pools.clear()
+
     def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
         self.engine.shutdown()
         self._cleanup()
 
 
 def check_nvme_dir(nvme_dir: object, needed: int) -> str:
     """Validates `nvme_dir` up front: an existing writable directory with room for `needed`
-    bytes of optimizer state. Returns it as a string."""
+    bytes. Returns it as a string."""
     if not isinstance(nvme_dir, (str, os.PathLike)):
         raise TypeError(f"hm.wrap: nvme_dir must be a path (str or os.PathLike), got "
                         f"{type(nvme_dir).__name__}")
@@ -289,7 +541,7 @@ def check_nvme_dir(nvme_dir: object, needed: int) -> str:
     free = shutil.disk_usage(path).free
     if needed > free:
         raise OutOfMemory("nvme", needed, free,
-                          f"nvme_dir={path!r} has {format_bytes(free)} free but the optimizer state "
-                          f"planned for it needs {format_bytes(needed)}; free space, choose another "
-                          "nvme_dir, or raise host_memory", what="optimizer states")
+                          f"nvme_dir={path!r} has {format_bytes(free)} free but the chunks "
+                          f"planned for it need {format_bytes(needed)}; free space, choose "
+                          "another nvme_dir, or raise host_memory", what="chunk images")
     return path

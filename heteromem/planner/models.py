@@ -25,6 +25,21 @@ class ModelSpec:
     hidden: int | None = None
     vocab: int | None = None
     heads: int | None = None
+    # The linear layers' shapes, for LoRA adapter sizes: MLP width and key/value width.
+    inter: int | None = None
+    kv: int | None = None
+
+    def lora_params(self, rank: int) -> int:
+        """Parameters of LoRA adapters of rank `rank` on every linear layer of every block
+        (q, k, v, o and the three MLP matrices of a Llama block: rank x (in + out) each)."""
+        if self.layers is None or self.hidden is None:
+            raise ValueError("hm.plan: lora_rank needs the model's shape (give a preset or a "
+                             "config, not params=); pass trainable= (a fraction) instead")
+        h = self.hidden
+        inter = self.inter or 4 * h
+        kv = self.kv or h
+        per_layer = (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)) * rank
+        return self.layers * per_layer
 
 
 def _llama(name: str, layers: int, hidden: int, inter: int, vocab: int, heads: int,
@@ -34,7 +49,8 @@ def _llama(name: str, layers: int, hidden: int, inter: int, vocab: int, heads: i
     per_layer = attn + 3 * hidden * inter + 2 * hidden
     embed = vocab * hidden
     params = layers * per_layer + embed * (1 if tied else 2) + hidden
-    return ModelSpec(name, params, max(embed, hidden * inter), layers, hidden, vocab, heads)
+    return ModelSpec(name, params, max(embed, hidden * inter), layers, hidden, vocab, heads,
+                     inter, kv_heads * head)
 
 
 PRESETS: dict[str, ModelSpec] = {

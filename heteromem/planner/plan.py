@@ -2,12 +2,14 @@
 could a step be at best. On paper: nothing is allocated, so it plans a 70B model on one 24 GB
 GPU or 1T parameters on 8 GPUs as readily as a toy.
 
-The placement follows what `hm.wrap` does: parameters (compute dtype) live in host chunks and
-page through a device working set; the device memory left after the working set and the
-activations holds optimizer states of whole chunks (updated on the GPU, no copies); the other
-states stay on the host (CPU Adam) and what the host cannot hold goes to NVMe, as two copies
-(the double-buffered files that keep a failed step harmless). With several GPUs the state is
-sharded: each rank holds 1/N of it, and the host (one node) holds all ranks' shares.
+The placement follows what `hm.wrap` does: chunks page through a device working set; the
+device memory left after the working set and the activations holds optimizer states of whole
+chunks (updated on the GPU, no copies); the other chunks stay on the host (parameters, states,
+room to accumulate gradients; CPU Adam) and what the host cannot hold goes to NVMe whole, one
+copy plus a few spare slots, while the host keeps a staging pool and a cache for them. Frozen
+parameters (LoRA: `lora_rank`, or `trainable`) have no gradients or states. With several GPUs
+the state is sharded: each rank holds 1/N of it, and the host (one node) holds all ranks'
+shares.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from heteromem.distributed.shard import reduce_buffer_bytes
 from heteromem.errors import format_bytes
+from heteromem.memory.host_plan import cache_floor
 from heteromem.memory.manager import PREFETCH_CHUNKS
 from heteromem.memory.nvme import staging_bytes
 from heteromem.memory.sizes import parse_size
@@ -57,6 +60,7 @@ class Plan:
     bound: str                         # the resource that bounds the step
     figures: Figures
     notes: list[str] = field(default_factory=list)
+    trainable_params: int | None = None  # (the rest frozen: LoRA, trainable=)
 
     @property
     def step_time_lower_bound(self) -> float:
@@ -100,11 +104,13 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
          gpu_memory: object = None, host_memory: object = None, nvme: object = None,
          gpus: int = 1, dtype: torch.dtype = torch.bfloat16, seq_len: int = 2048,
          batch: int = 1, grad_accumulation: int = 1, checkpointing: bool = True,
-         chunk_mb: float | None = None, figures: Figures | None = None) -> Plan:
+         chunk_mb: float | None = None, figures: Figures | None = None,
+         trainable: float | None = None, lora_rank: int | None = None) -> Plan:
     """Plans training `model` (preset name, transformers config or config.json path, torch
     module, or `params=N`) on `gpus` GPUs of `gpu_memory` each (or a named `gpu`), a host
     with `host_memory` and optionally `nvme` bytes of disk. Sizes are ints or strings
-    ("24GiB"). `batch` is sequences per GPU per micro-batch."""
+    ("24GiB"). `batch` is sequences per GPU per micro-batch. `trainable` (a fraction) or
+    `lora_rank` (adapters on every linear layer) plan fine-tuning with the rest frozen."""
     m = describe_model(model, params=params)
     if gpu is not None:
         if gpu.lower() not in GPUS:
@@ -145,76 +151,126 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     reduce = reduce_buffer_bytes(chunk_elems, gpus) if gpus > 1 else 0
     device_fixed = working * chunk_bytes + acts + CUDA_RESERVE + reduce
 
-    # Optimizer state per parameter: fp32 master (the parameter itself in fp32), 2 moments.
+    # Trainable and frozen parameters (LoRA: the adapters train, the base model is frozen).
+    train, frozen, total = _trainable(m, trainable, lora_rank)
+    # Optimizer state per trainable parameter: fp32 master (the parameter itself in fp32) and
+    # 2 moments; host-resident chunks keep room to accumulate their fp32 gradients.
     state_elem = 8 if dtype == torch.float32 else 12
-    rank_params = math.ceil(m.params / gpus)
+    rank_train = math.ceil(train / gpus)
     left = max(0, gpu_mem - device_fixed)
     # A chunk keeping its state on the device also stays resident: its parameters count too.
     # Sharded, every rank's part of the states stays on the host (as hm.wrap does).
-    on_device = min(rank_params, left // (state_elem + elem)) if left >= chunk_bytes else 0
-    on_device = on_device // chunk_elems * chunk_elems if on_device < rank_params else on_device
+    on_device = min(rank_train, left // (state_elem + elem)) if left >= chunk_bytes else 0
+    on_device = on_device // chunk_elems * chunk_elems if on_device < rank_train else on_device
     if gpus > 1:
         on_device = 0
         notes.append(f"sharded over {gpus} GPUs: each rank keeps its part of the parameters, "
                      "optimizer states and reduced fp32 gradients on the host")
-    host_params = m.params * elem                       # every rank's parameter shard
-    # fp32 gradients on the host: sharded, every rank's reduced part; else the accumulation
-    # buffer when gradients accumulate.
-    acc = m.params * 4 if grad_accumulation > 1 or gpus > 1 else 0
-    host_room = host - host_params - acc
-    states_left = (rank_params - on_device) * gpus
-    # Each rank stages its shard of a chunk's three fp32 states per slot.
-    staging = staging_bytes(math.ceil(chunk_elems / gpus)) * gpus
-    on_host = min(states_left, max(0, host_room) // state_elem)
-    on_nvme = states_left - on_host
-    if on_nvme and disk is not None:
-        on_host = min(states_left, max(0, host_room - staging) // state_elem)
-        on_nvme = states_left - on_host
+    off_device = train - on_device * gpus            # trainable parameters updated on the CPU
+    rank_chunk = math.ceil(chunk_elems / gpus)
+    # On the host for the whole run: every chunk's parameters, trainable chunks' states and
+    # accumulation room (sharded: the reduced fp32 part; whole-chunk sums only briefly).
+    per_train = elem + state_elem + 4
+    # (A chunk whose states went to the device keeps its parameters' host buffer too.)
+    kept_params = on_device * gpus * elem
+    resident_all = off_device * per_train + frozen * elem
+    transient = (working + 1) * chunk_elems * 4 * gpus if gpus > 1 else 0
+    staging = staging_bytes(rank_chunk, 4, dtype) * gpus
+    cache = cache_floor(rank_chunk, dtype, working) * gpus
+    on_host_fraction = 1.0
+    nvme_fixed = 0
+    if resident_all + transient + kept_params > host and disk is not None:
+        # What does not fit goes to NVMe whole (parameters and states); the host keeps a
+        # staging pool and a cache of those chunks' values and gradients.
+        nvme_fixed = staging + cache
+        room = host - nvme_fixed - transient - kept_params
+        on_host_fraction = max(0.0, min(1.0, room / resident_all)) if resident_all else 1.0
+    nvme_train = round(off_device * (1 - on_host_fraction))
+    nvme_frozen = round(frozen * (1 - on_host_fraction))
+    host_train, host_frozen = off_device - nvme_train, frozen - nvme_frozen
+    image = nvme_train * (elem + state_elem) + nvme_frozen * elem
+    spares = (4 * chunk_elems * (elem + state_elem)) if image else 0
     tiers = {
         "device": TierPlan(gpu_mem, device_fixed + on_device * (state_elem + elem), dict(
             **{"working set": working * chunk_bytes, "activations": acts,
                "gradient reduction": reduce,
                "CUDA reserve": CUDA_RESERVE, "states kept on GPU": on_device * (state_elem + elem)})),
-        "host": TierPlan(host, host_params + acc + on_host * state_elem +
-                         (staging if on_nvme else 0), {
-            "parameters": host_params, "fp32 gradients": acc, "optimizer states": on_host * state_elem,
-            "NVMe staging": staging if on_nvme else 0}),
-        "nvme": TierPlan(disk, on_nvme * state_elem * 2, {"optimizer states (2 copies)":
-                                                          on_nvme * state_elem * 2}),
+        "host": TierPlan(host, host_train * per_train + host_frozen * elem + transient
+                         + kept_params + (nvme_fixed if image else 0), {
+            "parameters": (host_train + host_frozen) * elem + kept_params,
+            "optimizer states": host_train * state_elem,
+            "fp32 gradients": host_train * 4 + transient,
+            "NVMe staging": staging if image else 0,
+            "host cache of NVMe chunks": max(0, host - host_train * per_train - host_frozen * elem
+                                             - transient - kept_params - staging)
+            if image else 0}),
+        "nvme": TierPlan(disk, image + spares, {"parameters and optimizer states (one copy)": image,
+                                                "spare slots": spares}),
     }
     overflow = None
     if tiers["device"].needed - on_device * (state_elem + elem) > gpu_mem:
         overflow = ("device", device_fixed - gpu_mem)
         notes.append("the device cannot hold the working set and activations: lower batch or "
                      "seq_len, use activation checkpointing, or a smaller chunk_mb")
-    elif host_params + acc > host:
-        overflow = ("host", host_params + acc - host)
-        notes.append("parameters stay in host memory (NVMe holds optimizer states only)")
-    elif on_nvme and disk is None:
-        overflow = ("host", on_nvme * state_elem - max(0, host_room - on_host * state_elem))
-        notes.append("optimizer states do not fit host memory: give nvme= (disk for them)")
-    elif on_nvme and tiers["nvme"].needed > disk:
+    elif disk is None and resident_all + transient + kept_params > host:
+        overflow = ("host", resident_all + transient + kept_params - host)
+        notes.append("the chunks do not fit host memory: give nvme= (disk for the chunks that "
+                     "do not fit)")
+    elif image and nvme_fixed + transient + kept_params > host:
+        overflow = ("host", nvme_fixed + transient + kept_params - host)
+        notes.append("with NVMe the host still holds a staging pool and a cache of a few "
+                     "chunks: raise host_memory or lower chunk_mb")
+    elif image and tiers["nvme"].needed > disk:
         overflow = ("nvme", tiers["nvme"].needed - disk)
 
     # Step-time lower bound: every resource's time for one optimizer step (all micro-batches).
     tokens = batch * seq_len * grad_accumulation              # per GPU
-    flops = (8 if checkpointing else 6) * m.params * tokens
-    paged = rank_params - on_device                           # parameters paged per rank
+    flops = (8 if checkpointing else 6) * total * tokens
+    paged = math.ceil(total / gpus) - on_device               # parameters paged per rank
+    paged_train = rank_train - on_device
+    # NVMe: chunks there are read for forward and backward of every micro-batch (their values
+    # fall out of the small host cache between), their gradients written and read once, their
+    # states read and their new images written once per step.
+    nvme_read = ((nvme_train + nvme_frozen) * elem * 2 * grad_accumulation
+                 + nvme_train * (elem + state_elem))
+    nvme_write = nvme_train * (elem + elem + state_elem)
     step = {
         "GPU compute": flops / (fig.gpu_tflops * 1e12),
         "host->GPU copies": 2 * paged * elem * grad_accumulation / (fig.h2d_gbps * 1e9),
         # Sharded, each rank sends home its fp32 part of the reduced gradients.
-        "GPU->host copies": paged * (4 if gpus > 1 else elem) * grad_accumulation
+        "GPU->host copies": paged_train * (4 if gpus > 1 else elem) * grad_accumulation
         / (fig.d2h_gbps * 1e9),
         # Sharded: per rank and micro-batch, (N-1)/N of the parameters gathered for forward
         # and again for backward, and of the fp32 gradients reduce-scattered.
-        "collectives": (gpus - 1) / gpus * m.params * (2 * elem + 4) * grad_accumulation
+        "collectives": (gpus - 1) / gpus * (total * 2 * elem + train * 4) * grad_accumulation
         / (fig.comm_gbps * 1e9),
-        "CPU Adam": (on_host + on_nvme) / (fig.cpu_adam_gparams * 1e9),
-        "NVMe": on_nvme * state_elem * (1 / (fig.nvme_read_gbps * 1e9)
-                                        + 1 / (fig.nvme_write_gbps * 1e9)),
+        "CPU Adam": off_device / (fig.cpu_adam_gparams * 1e9),
+        "NVMe": nvme_read / (fig.nvme_read_gbps * 1e9) + nvme_write / (fig.nvme_write_gbps * 1e9),
     }
+    if frozen:
+        notes.append(f"{frozen / 1e9:.3f}B frozen parameters (no gradients, no optimizer state), "
+                     f"{train / 1e9:.3f}B trainable")
     bound = max(step, key=step.get)
     return Plan(m, gpus, dtype, overflow is None, overflow, tiers, chunk_bytes, working,
-                {"device": on_device * gpus, "host": on_host, "nvme": on_nvme}, step, bound,
-                fig, notes)
+                {"device": on_device * gpus, "host": host_train, "nvme": nvme_train}, step,
+                bound, fig, notes, trainable_params=train)
+
+
+def _trainable(m: ModelSpec, trainable: float | None, lora_rank: int | None
+               ) -> tuple[int, int, int]:
+    """(trainable, frozen, total) parameters."""
+    if trainable is not None and lora_rank is not None:
+        raise ValueError("hm.plan: give trainable= or lora_rank=, not both")
+    if lora_rank is not None:
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+            raise ValueError(f"hm.plan: lora_rank must be a positive int, got {lora_rank!r}")
+        adapters = m.lora_params(lora_rank)
+        return adapters, m.params, m.params + adapters
+    if trainable is not None:
+        if isinstance(trainable, bool) or not isinstance(trainable, (int, float)) or not (
+                0 < trainable <= 1):
+            raise ValueError(f"hm.plan: trainable must be the trainable fraction of the "
+                             f"parameters, in (0, 1], got {trainable!r}")
+        train = max(1, round(m.params * trainable))
+        return train, m.params - train, m.params
+    return m.params, 0, m.params

@@ -122,6 +122,7 @@ class Hooks:
                 self.in_backward.before_forward()
         # Before re-packing: its moves belong to the iteration that runs with the new layout.
         self.manager.timeline.new_iteration()
+        self.manager.count_iteration()
         if self.first_use and self.on_first_use_order is not None:
             # Re-packing allocates chunks: never as inference tensors.
             with torch.inference_mode(False):

@@ -16,6 +16,7 @@ import torch
 
 from heteromem.distributed import shard as sharding
 from heteromem.memory.chunk import Chunk, ParamSlot
+from heteromem.memory.host_plan import HostPlan
 from heteromem.memory.nvme import NvmeTier
 from heteromem.memory.tiers import Tier
 
@@ -30,46 +31,59 @@ def live_values(slot: ParamSlot) -> torch.Tensor:
 
 
 def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier,
-                nvme: NvmeTier | None, on_nvme: set[int], source: Source = live_values) -> None:
-    """Allocates each chunk's host buffers and writes every slot's values from `source` into
-    them, chunk by chunk in order; the optimizer states of the chunks in `on_nvme` are written
-    to the NVMe tier instead."""
-    elem = torch.empty((), dtype=dtype).element_size()
+                nvme: NvmeTier | None, plan: HostPlan, source: Source = live_values) -> None:
+    """Writes every slot's values from `source` into its chunk, chunk by chunk in order: into
+    host buffers for the chunks the plan keeps on the host (reserving what the plan gave
+    them), into an image on the NVMe tier (through a staging slot) for the others. One
+    chunk's values are in host memory at a time besides the host-resident chunks."""
     advice = "raise host_memory" + ("" if nvme is not None else
-                                    ", or set nvme_dir to keep optimizer states on NVMe")
-    for chunk in chunks:
-        host_tier.reserve(chunk.host_len * elem, f"parameters of chunk {chunk.index}",
-                          advice=advice)
-        chunk.host = torch.zeros(chunk.host_len, dtype=dtype, pin_memory=pin)
-    if on_nvme:
+                                    ", or set nvme_dir so chunks that do not fit go to NVMe")
+    if plan.staging_bytes:
         nvme.reserve_staging()
+    if plan.shard_bytes:
+        host_tier.reserve(plan.shard_bytes, "the reduced gradients of every chunk",
+                          advice=advice)
     for chunk in chunks:
+        if id(chunk) in plan.on_nvme:
+            _fill_image(chunk, dtype, nvme, source)
+            continue
+        host_tier.reserve(plan.resident_bytes[id(chunk)], f"chunk {chunk.index} (parameters, "
+                          "optimizer states, gradient accumulation)", advice=advice)
+        chunk.acc_planned = chunk.trainable and chunk.world == 1
+        chunk.host = torch.zeros(chunk.host_len, dtype=dtype, pin_memory=pin)
         master = None
         if chunk.trainable:
-            if id(chunk) in on_nvme or dtype != torch.float32:
-                master = torch.zeros(chunk.host_len, dtype=torch.float32,
-                                     pin_memory=pin and id(chunk) not in on_nvme)
+            master = (chunk.host if dtype == torch.float32 else
+                      torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin))
+        _write_values(chunk, source, chunk.host, master)
+        if chunk.trainable:
+            chunk.master = master
+            chunk.exp_avg = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+            chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+
+
+def _fill_image(chunk: Chunk, dtype: torch.dtype, nvme: NvmeTier, source: Source) -> None:
+    """An NVMe chunk: its values go into a staging slot laid out as its image, then to disk."""
+    with nvme.staging_lock:
+        views = nvme.staging_views(chunk)
+        _write_values(chunk, source, views["params"],
+                      views.get("master", views["params"]) if chunk.trainable else None)
+        nvme.place_staged(chunk)
+
+
+def _write_values(chunk: Chunk, source: Source, params: torch.Tensor,
+                  master: torch.Tensor | None) -> None:
+    """Each slot's values into `params` (compute dtype) and, trainable, the fp32 `master`
+    (rounded into `params` from it, so the two agree as after an optimizer step)."""
+    with torch.no_grad():
+        for slot, mine, theirs in sharding.owned_ranges(chunk):
+            data = source(slot).reshape(-1)[theirs]
+            if master is not None and master is not params:
+                master[mine].copy_(data)
+                params[mine].copy_(master[mine])
             else:
-                master = chunk.host
-        with torch.no_grad():
-            for slot, mine, theirs in sharding.owned_ranges(chunk):
-                data = source(slot).reshape(-1)[theirs]
-                if master is not None and master is not chunk.host:
-                    master[mine].copy_(data)
-                    chunk.host[mine].copy_(master[mine])
-                else:
-                    chunk.host[mine].copy_(data)
-                del data  # the next slot's values may be large: drop these first
-        if not chunk.trainable:
-            continue
-        if id(chunk) in on_nvme:
-            nvme.place(chunk, master, None, None)
-            continue
-        host_tier.reserve(chunk.state_bytes(), f"optimizer state of chunk {chunk.index}",
-                          advice=advice)
-        chunk.master = master
-        chunk.exp_avg = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
-        chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+                params[mine].copy_(data)
+            del data  # the next slot's values may be large: drop these first
 
 
 def move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, tier: Tier) -> int:

@@ -7,6 +7,14 @@ chunks they need, so the first layers compute while later chunks are still being
 Hyper-parameters are read from `param_groups` when `step()` is called, so LR schedulers work.
 With `step_in_backward` (see backward_step.py) a chunk's update is queued as soon as its
 gradients are complete during backward, and `step()` queues only the chunks left.
+
+Chunks whose image is on NVMe are updated in `step()` itself, in a read-ahead pipeline through
+the staging slots (or, with `step_in_backward`, one by one on the worker): their states are
+read into a slot, updated there with the new parameters, written as a new image and committed.
+
+A failed update never half-applies: each fused call (a run of parameters) is applied whole or
+not at all, an NVMe chunk's update is committed whole or not at all, and what was not applied
+keeps its values, step counts and gradients for `step()` to finish or `zero_grad()` to drop.
 """
 
 from __future__ import annotations
@@ -88,6 +96,8 @@ class HeteroAdam(torch.optim.Optimizer):
         # A step that failed part-way: the gradient scale a retry must use (set while parts
         # of that step are unfinished, None otherwise).
         self._retry_scale: float | None = None
+        # fp16: the step found no overflow; the loss scaler counts it once it is finished.
+        self._scale_was_good = False
         manager.on_update_failed = self._update_failed
         # The global gradient norm of the last step (before clipping), when clipping or fp16
         # loss scaling needed it; None otherwise.
@@ -129,12 +139,12 @@ class HeteroAdam(torch.optim.Optimizer):
         manager.timeline.mark("step")
         manager.end_backward()
         manager.grads_home()
-        # id(chunk) -> the buffer holding its gradients (taken once: it may gather them).
+        # id(chunk) -> the buffer holding its gradients (taken once: it may gather them);
+        # gradients the host cache spilled to NVMe are read by the NVMe step itself.
         sources = {id(c): src for c in self._chunks()
                    if (src := manager.grad_source(c)) is not None}
-        chunks = [c for c in self._chunks() if id(c) in sources]
-        retry = self._retry_scale is not None
-        if retry:
+        chunks = [c for c in self._chunks() if id(c) in sources or c.grad_spill is not None]
+        if self._retry_scale is not None:
             # Finishing a step that failed part-way: its norm, clipping and loss scale were
             # settled when it began, and the parts it did update must not count twice.
             grad_scale = self._retry_scale
@@ -142,39 +152,48 @@ class HeteroAdam(torch.optim.Optimizer):
             grad_scale = self._grad_scale(chunks, sources)
             if grad_scale is None:  # fp16 overflow: the step is skipped
                 return loss
+            self._scale_was_good = self.scaler is not None
         self._order = {index: k for k, index in enumerate(manager.trace.first_use_order())}
         chunks.sort(key=self._priority)
         runs = {id(c): self._runs(c) for c in chunks}
-        # States on NVMe first, synchronously and all or nothing: if a read or write fails,
-        # nothing of the model or optimizer has changed yet (see `_nvme_failed`).
-        on_nvme = [c for c in chunks if c.nvme is not None]
-        if manager.nvme is not None and (on_nvme or manager.agree_nvme is not None):
-            touched: list[Chunk] = []
-
-            def update(c: Chunk, master, exp_avg, exp_avg_sq) -> None:
-                touched.append(c)
-                self._apply(c, sources[id(c)], runs[id(c)], grad_scale, master, exp_avg,
-                            exp_avg_sq)
-            # Sharded, every rank takes part (its NVMe chunks may have no gradient this step).
-            try:
-                manager.nvme.step(on_nvme, update, agree=manager.agree_nvme)
-            except (OSError, _RunsFailed) as err:
-                self._nvme_failed(touched, err, grad_scale)
-        if self.scaler is not None and not retry:
-            self.scaler.update(False)
-        for chunk in on_nvme:
-            self._count_step(chunk)
-            self._finish(chunk, sources[id(chunk)])
         # From here a failure of one chunk's update leaves the others' as they are: the
-        # scale is kept until every chunk is done (see `_update_failed`).
+        # scale is kept until every chunk is done (see `_update_failed`, `_nvme_failed`).
         self._retry_scale = grad_scale
+        on_nvme = [c for c in chunks if c.nvme is not None]
+        if self.in_backward is not None:
+            # Updates during backward: chunks on NVMe take the worker too, one at a time.
+            for chunk in on_nvme:
+                self._launch(chunk, sources.get(id(chunk)), runs[id(chunk)], grad_scale)
+        elif manager.nvme is not None and (on_nvme or manager.agree_nvme is not None):
+            # Sharded, every rank takes part (its NVMe chunks may have no gradient this step).
+            self._nvme_step(on_nvme, sources, runs, grad_scale)
         for chunk in chunks:
             if chunk.nvme is None:
                 self._launch(chunk, sources[id(chunk)], runs[id(chunk)], grad_scale)
+        if self._scale_was_good:
+            self.scaler.update(False)
         self._grads_scaled_by = 1.0
         self._step_finished()
         self._step_done()
         return loss
+
+    def _nvme_step(self, chunks: list[Chunk], sources: dict, runs: dict,
+                   grad_scale: float) -> None:
+        """The chunks whose image is on NVMe, in a read-ahead pipeline in this thread; each
+        chunk's update is committed as soon as its new image is written (see NvmeTier.step)."""
+        manager = self.manager
+
+        def update(c: Chunk, staging) -> None:
+            _apply_to_staging(c, sources.get(id(c)), runs[id(c)], grad_scale, self.adamw,
+                              staging)
+
+        def committed(c: Chunk, staging) -> None:
+            self._count_step(c)
+            _finish_nvme_chunk(c, sources.get(id(c)), staging, manager)
+        try:
+            manager.nvme.step(chunks, update, committed, agree=manager.agree_nvme)
+        except (OSError, _RunsFailed) as err:
+            self._nvme_failed(err, grad_scale)
 
     def _grad_scale(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float | None:
         """What this step divides the gradients by (loss scale, ranks, clipping); None when
@@ -205,6 +224,7 @@ class HeteroAdam(torch.optim.Optimizer):
     def _step_finished(self) -> None:
         """No part of a step is left unfinished (it completed, or zero_grad dropped it)."""
         self._retry_scale = None
+        self._scale_was_good = False
         self.manager.unfinished_step = None
 
     @torch.no_grad()
@@ -247,7 +267,14 @@ class HeteroAdam(torch.optim.Optimizer):
                          [(s, s.grad_loc, s.reduced, ranges.get(id(s))) for s in chunk.slots])
         self._count_step(chunk)
         chunk.move_host(HostState.UPDATING)
-        if chunk.states_on_device:
+        if chunk.nvme is not None:
+            # Read, update, write and commit its image on the worker (the host buffer holding
+            # its gradients stays put: the host cache does not evict a chunk in UPDATING).
+            self._launched[id(chunk)] = launch
+            chunk.update = self._worker.submit(self._priority(chunk), _update_nvme_chunk,
+                                               chunk, source, runs, grad_scale, self.adamw,
+                                               landed, self.manager)
+        elif chunk.states_on_device:
             # GPU Adam, queued on the current stream: nothing to wait for on the host.
             try:
                 _update_chunk(chunk, source, runs, grad_scale, self.adamw)
@@ -311,40 +338,29 @@ class HeteroAdam(torch.optim.Optimizer):
             "opt.step() to finish the step (nothing is updated twice) or opt.zero_grad() to "
             "drop it")
 
-    def _nvme_failed(self, touched: list[Chunk], err: BaseException, grad_scale: float) -> None:
-        """Puts back what the failed NVMe step changed and raises. The files still hold every
-        chunk's states from before the step (the copies did not flip), so only host buffers
-        the update wrote new parameters into (`touched`) get their values back from them;
-        every gradient is kept, for `opt.step()` to take the step again or `opt.zero_grad()`
-        to drop it."""
-        try:
-            for chunk in touched:
-                # (Never in GRADS state: gradients of NVMe chunks gather in their accumulation
-                # buffer, so the host buffer holds values, which the update overwrote.)
-                self.manager.restore_host(chunk)
-                chunk.device_stale = True
-        except OSError as again:
-            raise storage_error(again.errno, (
-                f"heteromem: an optimizer step failed on the NVMe tier ({err}) and putting the "
-                f"parameters back from the states on disk failed too ({again}); the states on "
-                "disk are those from before the step, but this process cannot read them: "
-                "restart from your last checkpoint"), again.filename) from err
+    def _nvme_failed(self, err: BaseException, grad_scale: float) -> None:
+        """The NVMe step stopped at a chunk: the chunks committed before it are updated, that
+        one and the rest keep their images, values and gradients (an update writes only into
+        its staging slot until it commits), for `opt.step()` to finish the step or
+        `opt.zero_grad()` to drop it. Raises."""
         self._retry_scale = grad_scale
         self.manager.unfinished_step = (
-            "the last opt.step() failed (see the error it raised): call opt.step() to take it "
-            "again, or opt.zero_grad() to drop its gradients, before the next forward")
+            "the last opt.step() did not finish (see the error it raised): call opt.step() to "
+            "finish it, or opt.zero_grad() to drop its remaining gradients, before the next "
+            "forward")
         if isinstance(err, _RunsFailed):
             raise UpdateError(
                 f"heteromem: the optimizer step failed: {type(err.cause).__name__}: "
-                f"{err.cause}. Nothing was updated: parameters and optimizer states are those "
-                "from before this step, and its gradients are kept. Fix the cause, then call "
-                "opt.step() to take the step, or opt.zero_grad() to drop it") from err.cause
+                f"{err.cause}. The chunks not yet updated keep their parameters, optimizer "
+                "states and gradients from before this step. Fix the cause, then call "
+                "opt.step() to finish the step (nothing is updated twice), or opt.zero_grad() "
+                "to drop it") from err.cause
         raise storage_error(err.errno, (
-            f"heteromem: the optimizer step failed on the NVMe tier: {err}. Nothing was "
-            "updated: parameters and optimizer states are those from before this step, and its "
-            "gradients are kept. Fix the cause (e.g. free disk space under nvme_dir), then call "
-            "opt.step() to take the step, or opt.zero_grad() to drop it"),
-            err.filename) from err
+            f"heteromem: the optimizer step failed on the NVMe tier: {err}. The chunks not yet "
+            "updated keep their parameters, optimizer states and gradients from before this "
+            "step (each chunk's update is committed whole or not at all). Fix the cause (e.g. "
+            "free disk space under nvme_dir), then call opt.step() to finish the step (nothing "
+            "is updated twice), or opt.zero_grad() to drop it"), err.filename) from err
 
     def synchronize(self) -> None:
         """Waits for every queued update (state_dict, checkpoints, reports call this)."""
@@ -362,17 +378,25 @@ class HeteroAdam(torch.optim.Optimizer):
             # update. Nothing to discard, and waiting here would serialise every update with
             # the usual `step(); zero_grad()` before the next forward could overlap them.
             return
-        self.manager._wait_update(chunk)
+        manager = self.manager
+        manager._wait_update(chunk)
         if chunk.states_on_device:
-            self.manager.restore_device_values(chunk)
+            manager.restore_device_values(chunk)
         for slot in chunk.slots:
             slot.grad_loc, slot.reduced = None, False
-        if chunk.acc is not None:
-            chunk.acc.zero_()
         if chunk.grad_shard is not None:
             chunk.grad_shard.zero_()
+        if chunk.nvme is not None:
+            # The image holds the values: gradient buffers are simply let go.
+            manager.nvme.drop_grads(chunk)
+            manager.cache.drop_acc(chunk)
+            if chunk.host_state is HostState.GRADS:
+                manager.cache.forget(chunk)
+            return
+        if chunk.acc is not None:
+            chunk.acc.zero_()
         if chunk.host_state is HostState.GRADS:
-            self.manager.restore_host(chunk)
+            manager.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
 
     def _global_norm(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float:
@@ -381,8 +405,13 @@ class HeteroAdam(torch.optim.Optimizer):
         (and, sharded, one sum over the ranks of their parts)."""
         squares: dict[torch.device, list[torch.Tensor]] = {}
         for chunk in chunks:
-            source = sources[id(chunk)]
-            for _, sl in self.manager.grad_ranges(chunk):
+            source = sources.get(id(chunk))
+            spilled = chunk.grad_spill.sq_norms if chunk.grad_spill is not None else {}
+            for slot, sl in self.manager.grad_ranges(chunk):
+                if slot.grad_loc == "nvme":  # taken when the host cache wrote it out
+                    squares.setdefault("spilled", []).append(
+                        torch.tensor(spilled[id(slot)], dtype=torch.float64))
+                    continue
                 norm = torch.linalg.vector_norm(source[sl], dtype=torch.float32)
                 squares.setdefault(norm.device, []).append(norm.double() ** 2)
         total = sum(torch.stack(v).sum().item() for v in squares.values())
@@ -413,14 +442,6 @@ class HeteroAdam(torch.optim.Optimizer):
                 runs.append(run)
         return [r for r in runs if r is not None]
 
-    def _apply(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
-               master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        _apply_runs(chunk, source, runs, grad_scale, self.adamw, master, exp_avg, exp_avg_sq)
-
-    @staticmethod
-    def _finish(chunk: Chunk, source: torch.Tensor) -> None:
-        _finish_chunk(chunk, source)
-
     def state_dict(self):
         raise NotImplementedError(
             "heteromem's optimizer state lives in chunks (host, device and NVMe), not in a "
@@ -437,13 +458,13 @@ class HeteroAdam(torch.optim.Optimizer):
 
 def _apply_runs(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
                 adamw: bool, master: torch.Tensor, exp_avg: torch.Tensor,
-                exp_avg_sq: torch.Tensor) -> None:
+                exp_avg_sq: torch.Tensor, target: torch.Tensor | None = None) -> None:
     """The fused Adam calls of one chunk over the given states; the new compute-dtype values
-    go to the device copy (state on the device) or the host buffer. Raises `_RunsFailed`
-    saying how many runs were applied (each run is applied whole or not at all: the op
-    checks its arguments before it writes)."""
-    on_device = chunk.states_on_device
-    target = chunk.device_view() if on_device else chunk.host
+    go to `target`, by default the device copy (state on the device) or the host buffer.
+    Raises `_RunsFailed` saying how many runs were applied (each run is applied whole or not
+    at all: the op checks its arguments before it writes)."""
+    if target is None:
+        target = chunk.device_view() if chunk.states_on_device else chunk.host
     # fp32 compute: the parameter is the master itself, unless the master lives elsewhere
     # (device copy, NVMe), in which case it is copied over after the update.
     copy_master = chunk.dtype == torch.float32 and target is not master
@@ -485,3 +506,57 @@ def _update_chunk(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_sca
     _apply_runs(chunk, source, runs, grad_scale, adamw, chunk.master, chunk.exp_avg,
                 chunk.exp_avg_sq)
     _finish_chunk(chunk, source)
+
+
+def _apply_to_staging(chunk: Chunk, source: torch.Tensor | None, runs: list[_Run],
+                      grad_scale: float, adamw: bool, staging) -> None:
+    """An NVMe chunk's update inside its staging slot (its states were read there; the new
+    parameters are written there too, so nothing else changes before the image commits).
+    Gradients come from `source`, or from the staging slot when the host cache spilled them."""
+    layout, n = chunk.nvme.layout, chunk.host_len
+    if chunk.grad_spill is not None:
+        source = staging.grads(chunk.grad_spill.dtype, chunk.grad_spill.used)
+    params = staging.view("params", n, layout)
+    master = staging.view("master", n, layout) if "master" in layout.regions else params
+    _apply_runs(chunk, source, runs, grad_scale, adamw, master,
+                staging.view("exp_avg", n, layout), staging.view("exp_avg_sq", n, layout),
+                target=params)
+
+
+def _finish_nvme_chunk(chunk: Chunk, source: torch.Tensor | None, staging, manager) -> None:
+    """An NVMe chunk's new image is committed: its gradient buffers go, and a host buffer it
+    still has gets the new values (from the staging slot; None when the commit came later,
+    for a sharded step: then the buffer is dropped and read again when needed)."""
+    manager.nvme.drop_grads(chunk)
+    cache = manager.cache
+    cache.drop_acc(chunk)
+    if chunk.grad_shard is not None and source is chunk.grad_shard:
+        source.zero_()
+    if chunk.host is not None:
+        if staging is None:
+            if chunk.host_state is not HostState.PARAMS:
+                chunk.move_host(HostState.PARAMS)
+            cache.forget(chunk)
+        else:
+            chunk.host[: chunk.host_len].copy_(staging.view("params", chunk.host_len,
+                                                            chunk.nvme.layout))
+    chunk.device_stale = True
+    if chunk.host_state is not HostState.PARAMS:
+        chunk.move_host(HostState.PARAMS)
+
+
+def _update_nvme_chunk(chunk: Chunk, source: torch.Tensor | None, runs: list[_Run],
+                       grad_scale: float, adamw: bool, landed: object, manager) -> None:
+    """An NVMe chunk's whole update on the worker (updates during backward): read its
+    states, update them in a staging slot, write and commit the image."""
+    try:
+        if landed is not None:
+            landed.synchronize()
+        manager.nvme.step(
+            [chunk],
+            lambda c, staging: _apply_to_staging(c, source, runs, grad_scale, adamw, staging),
+            lambda c, staging: _finish_nvme_chunk(c, source, staging, manager))
+    except _RunsFailed as exc:  # in the staging slot only: nothing of it was committed
+        raise _RunsFailed(0, exc.cause) from exc.cause
+    except Exception as exc:
+        raise _RunsFailed(0, exc) from exc

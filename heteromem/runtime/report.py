@@ -33,6 +33,11 @@ class Report:
     resident_chunks: int = 0
     state_chunks_on_device: int = 0   # chunks updated on the device (optimizer state there)
     details: dict[str, int] = field(default_factory=dict)
+    # The NVMe tier: chunks whose image lives there, the host cache's hit rate (reads served
+    # without the disk) and the bytes read and written over the last whole iteration.
+    nvme_chunks: int = 0
+    host_cache_hit_rate: float | None = None
+    nvme_bytes_per_step: tuple[int, int] | None = None
     # Per-tier bytes, stalls and phases over the latest iteration (see MemoryTimeline).
     timeline: MemoryTimeline | None = None
     # Sharded over ranks: this rank, how many, and the bytes its collectives sent and
@@ -58,6 +63,14 @@ class Report:
             lines.append(f"rank {self.rank} of {self.world_size}: sent "
                          f"{format_bytes(self.bytes_sent)}, received "
                          f"{format_bytes(self.bytes_received)} in collectives")
+        if self.nvme_chunks:
+            rate = ("-" if self.host_cache_hit_rate is None
+                    else f"{self.host_cache_hit_rate:.0%}")
+            per_step = ("-" if self.nvme_bytes_per_step is None else
+                        f"read {format_bytes(self.nvme_bytes_per_step[0])}, written "
+                        f"{format_bytes(self.nvme_bytes_per_step[1])}")
+            lines.append(f"nvme: {self.nvme_chunks} chunk(s) there; host cache hit rate {rate}; "
+                         f"last step {per_step}")
         for key, value in self.details.items():
             lines.append(f"{key}: {format_bytes(value)}")
         return "\n".join(lines)

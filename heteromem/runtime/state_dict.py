@@ -35,7 +35,8 @@ class _Masters:
 
     def get(self, chunk) -> torch.Tensor:
         if chunk is not self.chunk:
-            mine = self.manager.states(chunk)[0] if chunk.trainable else chunk.host
+            mine = (self.manager.states(chunk)[0] if chunk.trainable
+                    else self.manager.values(chunk))
             self.chunk = chunk
             self.master = None  # drop the previous chunk first
             self.master = self.manager.full(chunk, mine)
@@ -84,26 +85,21 @@ def install_state_dict_methods(model: torch.nn.Module, state) -> None:
             for items in by_chunk.values():
                 chunk = items[0][0].chunk
                 assert chunk.host_state is HostState.PARAMS
-                # Master on NVMe: read the chunk's states, change the master, write them back
-                # as a new copy (the old one stays valid until the write succeeded).
-                master = state.manager.states(chunk)[0]
+                # On NVMe: read the chunk's image, change it, write it back (atomically).
+                image = state.manager.image(chunk)
+                params, master = image["params"], image.get("master")
                 for slot, value in items:
                     part = owned_part(chunk, slot)
                     if part is None:  # sharded: another rank owns all of this parameter
                         continue
                     mine, theirs = part
-                    value = value.reshape(-1)[theirs].to("cpu")
-                    if chunk.trainable and master is not chunk.host:
+                    value = value.reshape(-1)[theirs].to(params.device)
+                    if master is not None:
                         master[mine].copy_(value)
-                        chunk.host[mine].copy_(master[mine])
+                        params[mine].copy_(master[mine])
                     else:
-                        chunk.host[mine].copy_(value)
-                    if chunk.states_on_device:
-                        chunk.device_view()[slot.range].copy_(master[slot.range])
-                if chunk.nvme is not None:
-                    state.manager.nvme.store(chunk)
-                if chunk.resident and not chunk.states_on_device:
-                    chunk.device_stale = True
+                        params[mine].copy_(value)
+                state.manager.store_image(chunk)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     model.state_dict = types.MethodType(state_dict, model)

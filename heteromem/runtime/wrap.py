@@ -16,8 +16,11 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
 from heteromem.memory.layout import pack
 from heteromem.memory.manager import ChunkManager
+from heteromem.memory.host_cache import HostCache
+from heteromem.memory.host_plan import plan_host
+from heteromem.memory.manager import PREFETCH_CHUNKS
 from heteromem.memory.nvme import (DEFAULT_STAGING_SLOTS, MIN_STAGING_SLOTS, NvmeTier,
-                                   check_nvme_dir, file_bytes, staging_bytes)
+                                   check_nvme_dir, nvme_disk_bytes, staging_bytes)
 from heteromem.memory.placement import promote_planned
 from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
@@ -142,7 +145,7 @@ class WrapState:
         # NOTE: with optimizer states on NVMe the chunks keep the order wrap packed them in:
         # re-packing would rewrite every state file once, for a layout that is usually the
         # same (models mostly register modules in the order they use them).
-        if not any(c.nvme is not None for c in self.manager.chunks):
+        if self.manager.nvme is None:
             self.repack_in_first_use_order(order)
         # Paging must keep room for as many chunks as the first iteration pinned at once.
         promote_planned(self.manager, self.manager.peak_pinned, self.buffer_bytes)
@@ -158,6 +161,8 @@ class WrapState:
         if all(current[id(s.param)] == (c.index, s.offset) for c in planned for s in c.slots):
             return
         mapping = repack(m, order, pin=m.copies.cuda)
+        if mapping is None:  # no room to re-pack within the host budget: keep the layout
+            return
         self.slots = [mapping[id(s)] for s in self.slots]
         for slot in self.slots:
             slot.param._heteromem_slot = slot
@@ -178,12 +183,19 @@ class WrapState:
         }
         details = {"device buffers (not paged)": self.buffer_bytes}
         stall = m.copies.stall_seconds + m.update_stall_seconds
+        nvme = {}
         if m.nvme is not None:
             t = m.nvme.tier
             tiers["nvme"] = TierReport(t.budget, t.current, t.peak)
             details.update({"nvme staging pool (host)": m.nvme.staging_bytes if m.nvme.slots else 0,
                             "nvme read": m.nvme.bytes_read, "nvme written": m.nvme.bytes_written})
+            if m.cache is not None:
+                details.update({"host cache of NVMe chunks": m.cache.budget,
+                                "gradients spilled to nvme": m.cache.bytes_spilled})
             stall += m.nvme.wait_seconds
+            nvme = dict(nvme_chunks=sum(1 for c in m.chunks if c.nvme is not None),
+                        host_cache_hit_rate=m.cache.hit_rate if m.cache is not None else None,
+                        nvme_bytes_per_step=m.last_iteration_io)
         comm = self.comm
         return Report(tiers=tiers, bytes_h2d=m.copies.bytes_h2d, bytes_d2h=m.copies.bytes_d2h,
                       stall_seconds=stall,
@@ -194,7 +206,7 @@ class WrapState:
                       resident_chunks=sum(1 for c in m.chunks if c.resident),
                       details=details,
                       state_chunks_on_device=sum(1 for c in m.chunks if c.states_on_device),
-                      timeline=m.timeline.snapshot())
+                      timeline=m.timeline.snapshot(), **nvme)
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -298,26 +310,22 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     # Sharded, reducing a chunk's gradients needs its fp32 sum and this rank's part on the
     # device for a moment.
     reduce_bytes = 0 if comm is None else sharding.reduce_buffer_bytes(capacity, comm.world)
-    _check_working_set(model, slots_by_module, len(kept), slab_bytes, device_budget,
-                       reduce_bytes)
+    working_set = _check_working_set(model, slots_by_module, len(kept), slab_bytes,
+                                     device_budget, reduce_bytes)
 
     host_capacity = capacity // (comm.world if comm else 1)
-    staging_slots = _staging_slots(staging_budget, host_capacity)
-    on_nvme = _plan_nvme_states(chunks, dtype, host_budget,
-                                staging_bytes(host_capacity, staging_slots))
-    if on_nvme and nvme_dir is None:
-        states = sum(c.state_bytes() for c in chunks)
-        raise OutOfMemory("host", sum(c.host_len * elem for c in chunks) + states, host_budget,
-                          "raise host_memory, or set nvme_dir so optimizer states that do not fit "
-                          "go to NVMe", what="parameters and optimizer states")
-    if on_nvme:
-        if step_in_backward:
-            raise ValueError(
-                f"hm.wrap: step_in_backward=True, but the optimizer states of {len(on_nvme)} "
-                "chunk(s) do not fit host_memory and go to nvme_dir, whose step is all or "
-                "nothing and so runs in opt.step(); raise host_memory so every state fits the "
-                "host, or leave step_in_backward False")
-        check_nvme_dir(nvme_dir, len(on_nvme) * file_bytes(host_capacity))
+    staging_slots = _staging_slots(staging_budget, host_capacity, dtype)
+    # Chunks a module call can pin on the device at once, and those copied ahead of it: the
+    # host cache of NVMe chunks must hold their values at the same time.
+    at_once = working_set + len(kept) + (PREFETCH_CHUNKS if dev.type == "cuda" else 0)
+    plan = plan_host(chunks, dtype, host_budget, nvme_dir is not None, staging_slots, at_once,
+                     sharded=comm is not None)
+    if plan.on_nvme:
+        trainable_images = sum(1 for c in chunks if id(c) in plan.on_nvme and c.trainable)
+        frozen_images = len(plan.on_nvme) - trainable_images
+        spares = None if comm is not None else staging_slots
+        check_nvme_dir(nvme_dir, nvme_disk_bytes(host_capacity, dtype, trainable_images,
+                                                 frozen_images, spares))
 
     # NOTE: from here on the model changes; a failure puts it back as it was (parameters,
     # buffers) and removes the NVMe folder, so a refused wrap leaves nothing behind.
@@ -325,18 +333,24 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     nvme = None
     try:
         buffer_bytes = move_buffers(model, dev, dtype, device_tier)
-        if nvme_dir is not None:
-            nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, staging_slots, host_tier,
-                            pin=dev.type == "cuda", owner=model)
+        if plan.on_nvme:
+            # Sharded steps commit only once every rank has written: a spare per chunk.
+            nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, dtype, staging_slots,
+                            host_tier, pin=dev.type == "cuda", owner=model,
+                            spares=spares)
             undo.nvme = nvme
+            nvme.plan(trainable_images, frozen_images)
         fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
-                     on_nvme=on_nvme)
+                    plan=plan)
         if comm is None:
             manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
         else:
             manager = ShardedChunkManager(chunks, dev, device_tier, host_tier, slab_bytes,
                                           comm=comm)
-        manager.nvme = nvme
+        if nvme is not None:
+            manager.nvme = nvme
+            manager.use_cache(HostCache(nvme, host_tier, plan.cache_bytes, host_capacity,
+                                        dtype, pin=dev.type == "cuda"))
         for slot in slots:
             slot.param.data = manager.placeholder(dtype)
             slot.param._heteromem_slot = slot
@@ -387,11 +401,12 @@ def _check_step_in_backward(step_in_backward: object, max_grad_norm: float | Non
 
 
 def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunks: int,
-                       slab_bytes: int, budget: int | None, reduce_bytes: int = 0) -> None:
+                       slab_bytes: int, budget: int | None, reduce_bytes: int = 0) -> int:
     """The chunks any module uses at once (its own and those of the ancestors whose forward is
-    still running around it), plus the chunks kept resident, must fit the device budget."""
-    if budget is None or not slots_by_module:
-        return
+    still running around it), plus the chunks kept resident, must fit the device budget.
+    Returns that largest number of chunks one module call uses."""
+    if not slots_by_module:
+        return 0
     worst, worst_chunks = None, set()
 
     def visit(module: torch.nn.Module, outer: frozenset) -> None:
@@ -404,7 +419,7 @@ def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunk
 
     visit(model, frozenset())
     needed = (len(worst_chunks) + kept_chunks) * slab_bytes + reduce_bytes
-    if needed > budget:
+    if budget is not None and needed > budget:
         raise OutOfMemory(
             "device", needed, budget,
             f"module {type(worst).__name__} needs {len(worst_chunks)} chunk(s) of "
@@ -414,43 +429,16 @@ def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunk
                "ranks" if reduce_bytes else "")
             + "; raise device_memory, lower chunk_mb, or keep fewer modules on the device",
             what="the largest module's working set")
+    return len(worst_chunks)
 
 
-def _staging_slots(staging_budget: int | None, capacity: int) -> int:
-    slot = staging_bytes(capacity, 1)
+def _staging_slots(staging_budget: int | None, capacity: int, dtype: torch.dtype) -> int:
+    slot = staging_bytes(capacity, 1, dtype)
     if staging_budget is None:
         return DEFAULT_STAGING_SLOTS
     slots = staging_budget // slot
     if slots < MIN_STAGING_SLOTS:
         raise ValueError(f"hm.wrap: nvme_staging={format_bytes(staging_budget)} holds fewer than "
-                         f"{MIN_STAGING_SLOTS} chunks' states ({format_bytes(slot)} each); raise it "
+                         f"{MIN_STAGING_SLOTS} chunk images ({format_bytes(slot)} each); raise it "
                          f"to at least {format_bytes(MIN_STAGING_SLOTS * slot)} or lower chunk_mb")
     return slots
-
-
-def _plan_nvme_states(chunks: list[Chunk], dtype: torch.dtype, host_budget: int | None,
-                      staging_bytes: int) -> set[int]:
-    """ids of the chunks whose optimizer states go to NVMe: none if everything fits the host
-    budget; else, after the parameters and the staging pool, states stay on the host in chunk
-    order while they fit."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    params = sum(c.host_len * elem for c in chunks)
-    states = [(c, c.state_bytes()) for c in chunks if c.trainable]
-    # Room for the fp32 gradient accumulation buffers (allocated on demand): fp32 gradients
-    # always gather there; bf16/fp16 ones with gradient accumulation, which is how models
-    # large enough for NVMe are trained, so that room is planned once states spill.
-    acc = sum(c.host_len * 4 for c in chunks if c.trainable)
-    if dtype == torch.float32:
-        params += acc
-    if host_budget is None or params + sum(b for _, b in states) <= host_budget:
-        return set()
-    if dtype != torch.float32:
-        params += acc
-    left = host_budget - params - staging_bytes
-    on_nvme = set()
-    for chunk, nbytes in states:
-        if nbytes <= left:
-            left -= nbytes
-        else:
-            on_nvme.add(id(chunk))
-    return on_nvme

@@ -135,7 +135,7 @@ def test_checkpointing_kept_modules_inference_and_load_state_dict_over_two_ranks
 def test_optimizer_states_on_nvme_per_rank(tmp_path):
     nvme = tmp_path / "nvme"
     nvme.mkdir()
-    config = _config(state_dict=True, host_memory=400_000, nvme_dir=str(nvme), steps=3)
+    config = _config(state_dict=True, host_memory=420_000, nvme_dir=str(nvme), steps=3)
     got = _run(2, config, tmp_path / "run")
     losses, params = _reference(config)
     assert_losses_close(got["losses"], losses)
@@ -149,7 +149,7 @@ def test_optimizer_states_on_nvme_per_rank(tmp_path):
 def test_an_nvme_fault_on_one_rank_undoes_the_step_on_every_rank(tmp_path):
     nvme = tmp_path / "nvme"
     nvme.mkdir()
-    config = _config(state_dict=True, host_memory=400_000, nvme_dir=str(nvme), steps=4,
+    config = _config(state_dict=True, host_memory=420_000, nvme_dir=str(nvme), steps=4,
                      nvme_fault=dict(rank=1, step=2, op="write", errno=28))
     got = _run(2, config, tmp_path / "run")
     reports = _reports(tmp_path / "run", 2)

@@ -20,19 +20,20 @@ FIG = Figures(h2d_gbps=20.0, d2h_gbps=10.0, cpu_adam_gparams=2.0, nvme_read_gbps
 
 
 def test_bytes_and_times_match_a_hand_computation():
-    """1e9 parameters (largest 1e7, shape unknown), bf16, a 2 GiB GPU, 16 GiB host.
+    """1e9 parameters (largest 1e7, shape unknown), bf16, a 2 GiB GPU, 18 GiB host.
     Chunk: max(32 Mi elements, 1e7) = 33,554,432 elements = 64 MiB; working set: 1 chunk for
     the largest parameter + 2 prefetched + 1 = 4 chunks = 256 MiB; device fixed: 256 MiB +
     1 GiB CUDA reserve; 768 MiB left holds 805,306,368 // 14 = 57,521,883 parameters' state,
-    rounded down to whole chunks: 33,554,432. The rest, 966,445,568 parameters, keep 12 bytes
-    of state each on the host, next to 2e9 bytes of bf16 parameters."""
+    rounded down to whole chunks: 33,554,432. The rest, 966,445,568 parameters, stay on the
+    host with 12 bytes of state and 4 of gradient accumulation room each, next to 2e9 bytes of
+    bf16 parameters (those whose states moved to the device keep their host copy)."""
     model = ModelSpec("toy", params=10**9, largest=10**7)
-    p = hm.plan(model, gpu_memory=2 * GiB, host_memory="16GiB", figures=FIG)
+    p = hm.plan(model, gpu_memory=2 * GiB, host_memory="18GiB", figures=FIG)
     assert p.fits and p.overflow is None
     assert p.chunk_bytes == 64 * 2**20 and p.working_chunks == 4
     assert p.state_params == {"device": 33_554_432, "host": 966_445_568, "nvme": 0}
     assert p.tiers["device"].needed == 256 * 2**20 + GiB + 33_554_432 * 14
-    assert p.tiers["host"].needed == 2 * 10**9 + 966_445_568 * 12
+    assert p.tiers["host"].needed == 2 * 10**9 + 966_445_568 * (12 + 4)
     assert p.tiers["nvme"].needed == 0
     tokens = 2048
     assert p.step_seconds["GPU compute"] == pytest.approx(8 * 1e9 * tokens / 100e12)
@@ -41,22 +42,51 @@ def test_bytes_and_times_match_a_hand_computation():
     assert p.step_seconds["CPU Adam"] == pytest.approx(966_445_568 / 2e9)
     assert p.bound == "CPU Adam" and p.step_time_lower_bound == p.step_seconds["CPU Adam"]
     assert "activations not counted" in str(p)
+    # 16 GiB without NVMe: the host is short by the difference.
+    short = hm.plan(model, gpu_memory=2 * GiB, host_memory="16GiB", figures=FIG)
+    assert short.overflow == ("host", 2 * 10**9 + 966_445_568 * 16 - 16 * GiB)
 
 
-def test_optimizer_states_spill_to_nvme_in_two_copies():
-    """Same toy with a 10 GiB host: 2e9 bytes of parameters, then staging for 4 slots of 3 fp32
-    states of a chunk (4 * 3 * 33,554,432 * 4 bytes), the remaining host bytes hold
-    (10 GiB - 2e9 - staging) // 12 parameters' state, the rest goes to NVMe twice."""
+def test_chunks_that_do_not_fit_go_to_nvme_whole_in_one_copy():
+    """Same toy with a 10 GiB host and a disk: the host keeps a staging pool (4 slots of a
+    chunk image, 2 + 3 x 4 bytes an element, plus an fp32 gradient region) and a cache of
+    (working set + 1) chunks of values and accumulation room; the rest holds whole chunks in
+    proportion, the other chunks' images (14 bytes a parameter) go to NVMe once, plus 4 spare
+    slots."""
     model = ModelSpec("toy", params=10**9, largest=10**7)
     p = hm.plan(model, gpu_memory=2 * GiB, host_memory=10 * GiB, nvme="1TB", figures=FIG)
-    staging = 4 * 3 * 33_554_432 * 4
-    on_host = (10 * GiB - 2 * 10**9 - staging) // 12
-    on_nvme = 966_445_568 - on_host
-    assert p.fits and p.state_params == {"device": 33_554_432, "host": on_host, "nvme": on_nvme}
-    assert p.tiers["nvme"].needed == on_nvme * 24
-    assert p.tiers["host"].needed == 2 * 10**9 + on_host * 12 + staging
-    assert p.step_seconds["NVMe"] == pytest.approx(on_nvme * 12 * (1 / 4e9 + 1 / 2e9))
+    chunk = 33_554_432
+    staging = 4 * (chunk * (2 + 3 * 4) + chunk * 4)
+    cache = 5 * chunk * (2 + 4)
+    off_device = 10**9 - chunk
+    room = 10 * GiB - staging - cache - chunk * 2
+    on_nvme = round(off_device * (1 - room / (off_device * 18)))
+    on_host = off_device - on_nvme
+    assert p.fits and p.state_params == {"device": chunk, "host": on_host, "nvme": on_nvme}
+    assert p.tiers["nvme"].needed == on_nvme * 14 + 4 * chunk * 14
+    assert p.tiers["host"].needed == on_host * 18 + chunk * 2 + staging + cache
+    read = on_nvme * 2 * 2 + on_nvme * 14
+    write = on_nvme * (2 + 2 + 12)
+    assert p.step_seconds["NVMe"] == pytest.approx(read / 4e9 + write / 2e9)
     assert p.bound == "NVMe"
+
+
+def test_frozen_parameters_need_no_state():
+    """LoRA on a 70B model: the adapters train, the base is frozen (2 bytes a parameter on
+    the host, nothing on NVMe), as `trainable=` plans a trainable fraction."""
+    p = hm.plan("llama-70b", gpu="rtx4090", host_memory="256GiB", nvme="4TiB", lora_rank=16,
+                figures=FIG)
+    assert p.fits and p.trainable_params == hm.planner.models.PRESETS["llama-70b"].lora_params(16)
+    assert p.tiers["nvme"].needed == 0 and p.step_seconds["CPU Adam"] < 1
+    full = hm.plan("llama-70b", gpu="rtx4090", host_memory="256GiB", nvme="4TiB", figures=FIG)
+    assert full.state_params["nvme"] > 0 and full.step_time_lower_bound > p.step_time_lower_bound
+    half = hm.plan("llama-70b", gpu="rtx4090", host_memory="256GiB", nvme="4TiB",
+                   trainable=0.5, figures=FIG)
+    assert half.trainable_params == pytest.approx(full.model.params / 2, abs=1)
+    with pytest.raises(ValueError, match="trainable"):
+        hm.plan("llama-70b", gpu="rtx4090", host_memory="256GiB", trainable=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        hm.plan("llama-70b", gpu="rtx4090", host_memory="256GiB", trainable=0.1, lora_rank=8)
 
 
 def test_70b_on_one_24gb_gpu_and_1t_on_eight_gpus():
@@ -76,9 +106,12 @@ def test_each_overflow_names_its_tier():
     device = hm.plan(toy, gpu_memory=2 * GiB, host_memory="64GiB", batch=64, figures=FIG)
     assert not device.fits and device.overflow[0] == "device"
     host = hm.plan(toy, gpu_memory=40 * GiB, host_memory="1GiB", figures=FIG)
-    assert host.overflow[0] == "host" and "parameters stay in host memory" in str(host)
+    assert host.overflow[0] == "host" and "give nvme=" in str(host)
     states = hm.plan(toy, gpu_memory=3 * GiB, host_memory="6GiB", figures=FIG)
     assert states.overflow[0] == "host" and "give nvme=" in str(states)
+    # With a disk, the host still needs the staging pool and a small cache.
+    tiny = hm.plan(toy, gpu_memory=3 * GiB, host_memory="256MiB", nvme="1TB", figures=FIG)
+    assert tiny.overflow[0] == "host" and "staging pool and a cache" in str(tiny)
     disk = hm.plan(toy, gpu_memory=3 * GiB, host_memory="6GiB", nvme="1GB", figures=FIG)
     assert disk.overflow[0] == "nvme"
     assert "NO: the nvme tier is short" in str(disk)
@@ -140,11 +173,14 @@ def test_sharding_over_gpus_is_accounted_as_wrap_shards():
     one = hm.plan("llama-7b", gpu="h100", host_memory="2TiB", figures=FIG)
     four = hm.plan("llama-7b", gpu="h100", gpus=4, host_memory="2TiB", figures=FIG)
     params = four.model.params
-    # Sharded: no states on the GPUs, every rank's reduced fp32 gradient part on the host.
+    # Sharded: no states on the GPUs, every rank's reduced fp32 gradient part on the host,
+    # and room to sum a few whole chunks' local gradients before they are reduced.
     assert four.state_params["device"] == 0 and four.state_params["host"] == params
-    assert four.tiers["host"].parts["fp32 gradients"] == params * 4
-    assert one.tiers["host"].parts["fp32 gradients"] == 0
     chunk = four.chunk_bytes // 2  # bf16 elements
+    transient = (four.working_chunks + 1) * chunk * 4 * 4
+    assert four.tiers["host"].parts["fp32 gradients"] == params * 4 + transient
+    # One GPU: the accumulation room of the chunks on the host (some states are on the GPU).
+    assert one.tiers["host"].parts["fp32 gradients"] == one.state_params["host"] * 4
     assert four.tiers["device"].parts["gradient reduction"] == chunk * 4 + -(-chunk // 4) * 4
     # Collectives: 3/4 of (bf16 parameters twice + fp32 gradients) at the default 20 GB/s.
     assert four.step_seconds["collectives"] == pytest.approx(0.75 * params * 8 / 20e9)

@@ -13,10 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import heteromem as hm
-from heteromem.memory.nvme import STATES, region_bytes
 from heteromem.runtime.checkpoint import export as export_module
 from heteromem.runtime.checkpoint.export import export_safetensors
-from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, param_bytes
+from wrap_helpers import gpt_batches, gpt_pair, nvme_host_budget, paging_kwargs
 
 TIED_ALIAS = "lm_head.weight"  # GPT ties it to wte.weight, which comes first in the state dict
 
@@ -35,14 +34,9 @@ def _wrapped_gpt(tmp_path, dtype: torch.dtype, nvme: bool, frozen: bool = False,
     elem = torch.empty((), dtype=dtype).element_size()
     kwargs = dict(paging_kwargs(ref, elem, fraction), device=device, dtype=dtype)
     if nvme:
-        capacity = int(kwargs["chunk_mb"] * 2**20) // elem
-        staging = 2 * STATES * region_bytes(capacity)
-        count = len(list(ref.parameters()))
-        # Parameters and fp32 accumulation buffers (with padding) and the staging pool only:
-        # no room for optimizer states on the host, so they all go to NVMe.
-        params = param_bytes(ref, elem) + param_bytes(ref, 4) + count * 32 * (elem + 4)
-        kwargs.update(host_memory=params + staging, nvme_dir=str(tmp_path / "nvme"),
-                      nvme_staging=staging)
+        # Only the staging pool and a small cache on the host: every chunk goes to NVMe.
+        kwargs.update(nvme_host_budget(ref, dtype, kwargs["chunk_mb"], 0.0),
+                      nvme_dir=str(tmp_path / "nvme"))
         (tmp_path / "nvme").mkdir()
     model, opt = hm.wrap(model, lr=3e-3, **kwargs)
     for idx, tgt in gpt_batches(cfg, 3):

@@ -17,6 +17,7 @@ import torch
 
 import heteromem as hm
 from heteromem.models import GPT, GPTConfig
+from wrap_helpers import nvme_host_budget
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -57,8 +58,8 @@ def _variants(tmp_path):
     return {
         "paged": dict(device_memory="120KB", chunk_mb=0.05),
         "nvme": dict(device_memory="120KB", chunk_mb=0.05, dtype=torch.float32,
-                     host_memory="800KB", nvme_staging="320KB",
-                     nvme_dir=str(tmp_path)),
+                     nvme_dir=str(tmp_path),
+                     **nvme_host_budget(_gpt(), torch.float32, 0.05, 0.0)),
         "step_in_backward": dict(device_memory="120KB", chunk_mb=0.05, step_in_backward=True),
     }
 

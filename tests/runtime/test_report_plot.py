@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import heteromem as hm
-from heteromem.memory.nvme import DEFAULT_STAGING_SLOTS, STATES, region_bytes
 from heteromem.memory.manager import ChunkManager
 from heteromem.runtime import optimizer
-from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, param_bytes, train_steps
+from wrap_helpers import gpt_batches, gpt_pair, nvme_host_budget, paging_kwargs, train_steps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -113,12 +112,9 @@ def test_update_stalls_are_marked_inside_the_iteration(monkeypatch):
 def test_nvme_tier_and_its_waits_join_the_timeline(tmp_path):
     cfg, ref, _ = gpt_pair()
     kwargs = paging_kwargs(ref, 4)
-    capacity = int(kwargs["chunk_mb"] * 2**20) // 4
-    staging = DEFAULT_STAGING_SLOTS * STATES * region_bytes(capacity)
-    padding = len(list(ref.parameters())) * 32 * 4 * 2
-    # Room for parameters, gradient buffers and staging only: every state goes to NVMe.
-    host = 2 * param_bytes(ref, 4) + staging + padding
-    report = hm.report(_trained(nvme_dir=str(tmp_path), host_memory=host))
+    # Only the staging pool and a small cache on the host: every chunk goes to NVMe.
+    budget = nvme_host_budget(ref, torch.float32, kwargs["chunk_mb"], 0.0)
+    report = hm.report(_trained(nvme_dir=str(tmp_path), **budget))
     _assert_well_formed(report)
     assert set(report.timeline.tiers) == {"device", "host", "nvme"}
     assert any(what == "nvme" for _, _, what in report.timeline.stalls)

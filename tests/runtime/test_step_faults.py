@@ -21,7 +21,7 @@ import torch
 import heteromem as hm
 import heteromem.ops
 from heteromem.models import GPT, GPTConfig
-from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, param_bytes
+from wrap_helpers import gpt_batches, gpt_pair, nvme_host_budget, paging_kwargs, param_bytes
 
 BAD = [("lr", float("nan")), ("lr", -1.0), ("betas", (1.5, 0.999)), ("betas", (0.9, 1.0000001)),
        ("eps", -1.0), ("weight_decay", float("inf"))]
@@ -202,18 +202,16 @@ def test_a_failed_update_of_device_states_raises_from_step(monkeypatch):
 # ---------------------------------------------------------------------- NVMe faults
 
 def _nvme_wrapped(tmp_path, **kwargs):
-    """fp32 GPT with every optimizer state on NVMe (host: parameters, accumulation, staging)."""
+    """fp32 GPT with every chunk on NVMe (the host: the staging pool and a small cache)."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32)
     model = GPT(cfg)
     n = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     chunk_mb = largest * 4 * 1.01 / 2**20
-    staging = 2 * 3 * (-(-int(chunk_mb * 2**20) // 4096) * 4096)
-    host = 2 * (n + 64 * 32) * 4 + staging
     model, opt = hm.wrap(model, device="cpu", dtype=torch.float32, lr=3e-3, chunk_mb=chunk_mb,
-                         device_memory=int(n * 4 * 0.4), host_memory=host,
-                         nvme_dir=str(tmp_path), nvme_staging=staging, **kwargs)
+                         device_memory=int(n * 4 * 0.4), nvme_dir=str(tmp_path),
+                         **nvme_host_budget(model, torch.float32, chunk_mb, 0.0), **kwargs)
     assert hm.report(model).tiers["nvme"].current_bytes > 0
     return cfg, model, opt
 
@@ -227,16 +225,17 @@ def test_an_nvme_fault_keeps_the_gradients_and_the_step_can_be_taken_again(tmp_p
     for b in batches[:2]:
         assert _step(model, opt, b) == _step(clean, clean_opt, b)
     before = _state(model)
-    model._heteromem.manager.nvme.engine.inject_fault(op, code, 1)
     model(*batches[2]).backward()
+    # The first read or write of the step fails: no chunk is committed.
+    model._heteromem.manager.nvme.engine.inject_fault(op, code, 0)
     with pytest.raises(hm.StorageError) as info:
         opt.step()
     assert isinstance(info.value, OSError) and info.value.errno == code
-    assert "Nothing was updated" in str(info.value) and "gradients are kept" in str(info.value)
+    assert "keep their parameters, optimizer states and gradients" in str(info.value)
     assert "restart" not in str(info.value)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    with pytest.raises(hm.UpdateError, match="failed"):
+    with pytest.raises(hm.UpdateError, match="did not finish"):
         model(*batches[3])
     opt.step()  # the fault was transient: the same step is taken now
     opt.zero_grad()
@@ -248,26 +247,33 @@ def test_an_nvme_fault_keeps_the_gradients_and_the_step_can_be_taken_again(tmp_p
         assert torch.equal(v, want[k]), k
 
 
-def test_a_truncated_state_file_says_truly_that_nothing_changed(tmp_path):
+def test_a_truncated_state_file_says_truly_what_changed(tmp_path):
+    """The image file loses its end (from the image the step reads first): the step raises
+    EIO naming the file, commits nothing, says the chunks keep their state (not that putting
+    them back failed), and every chunk whose image is intact reads back as before."""
     cfg, model, opt = _nvme_wrapped(tmp_path)
     batches = gpt_batches(cfg, 3)
     _step(model, opt, batches[0])
     before = _state(model)
-    files = sorted(glob.glob(str(tmp_path / "heteromem-*" / "*")))
-    victim = files[len(files) // 2]
-    os.truncate(victim, 100)
     model(*batches[1]).backward()
+    manager = model._heteromem.manager
+    chunks = [c for c in manager.chunks if c.nvme is not None and c.trainable]
+    first = min(chunks, key=opt._priority)  # the chunk the step reads first
+    pool = first.nvme.pool
+    cut = pool.offset(first.nvme.slot)
+    os.truncate(pool.path, cut + 100)
     with pytest.raises(OSError) as info:
         opt.step()
     message = str(info.value)
-    assert info.value.errno == errno.EIO and os.path.basename(victim) in message
-    assert "Nothing was updated" in message and "failed too" not in message
-    # Every chunk but the damaged one still reads back as before the step.
-    manager = model._heteromem.manager
-    for chunk in manager.chunks:
-        if chunk.nvme is not None and chunk.nvme.file.path != victim:
-            master = manager.states(chunk)[0]
-            for slot in chunk.slots:
-                assert torch.equal(master[slot.range].view(slot.shape), before[slot.name])
+    assert info.value.errno == errno.EIO and os.path.basename(pool.path) in message
+    assert "keep their parameters, optimizer states and gradients" in message
+    assert "failed too" not in message
+    with pytest.raises(hm.CheckpointError, match="waiting for opt.step"):
+        hm.save_checkpoint(tmp_path / "ckpt", model, opt)
     opt.zero_grad()  # drops the step's gradients: a new forward is allowed again
-    model(*batches[2])
+    intact = [c for c in chunks if pool.offset(c.nvme.slot) + pool.slot_bytes <= cut]
+    assert intact
+    for chunk in intact:
+        master = manager.states(chunk)[0]
+        for slot in chunk.slots:
+            assert torch.equal(master[slot.range].view(slot.shape), before[slot.name])

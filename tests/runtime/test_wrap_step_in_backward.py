@@ -12,7 +12,7 @@ import torch
 import heteromem as hm
 from heteromem import StepInBackwardError
 from wrap_helpers import (assert_losses_close, assert_pages, assert_params_close, gpt_batches,
-                          gpt_pair, paging_kwargs, param_bytes, train_steps)
+                          gpt_pair, nvme_host_budget, paging_kwargs, param_bytes, train_steps)
 
 STEPS = 10
 
@@ -245,12 +245,30 @@ def test_bad_combinations_are_refused_naming_the_argument():
         hm.wrap(copy.deepcopy(ref), device="cpu", step_in_backward="yes")
 
 
-def test_states_that_would_go_to_nvme_are_refused(tmp_path):
-    _, ref, _ = gpt_pair()
-    params = param_bytes(ref, 2)
-    with pytest.raises(ValueError, match="step_in_backward.*nvme_dir"):
-        hm.wrap(copy.deepcopy(ref), device="cpu", nvme_dir=tmp_path, host_memory=params * 3,
-                step_in_backward=True, **paging_kwargs(ref, 2))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunks_on_nvme_update_in_backward_bit_identical(tmp_path, dtype):
+    """Chunks whose parameters and states live on NVMe are read, updated, written and
+    committed on the worker during backward: the same numbers as updating them in
+    opt.step()."""
+    cfg, ref, model = gpt_pair()
+    elem = torch.empty((), dtype=dtype).element_size()
+    kwargs = paging_kwargs(ref, elem)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    budget = nvme_host_budget(ref, dtype, kwargs["chunk_mb"], 0.0)
+    m1, o1 = hm.wrap(model, device="cpu", dtype=dtype, lr=3e-3, step_in_backward=True,
+                     nvme_dir=str(tmp_path / "a"), **budget, **kwargs)
+    m2, o2 = hm.wrap(copy.deepcopy(ref), device="cpu", dtype=dtype, lr=3e-3,
+                     nvme_dir=str(tmp_path / "b"), **budget, **kwargs)
+    manager = m1._heteromem.manager
+    assert sum(1 for c in manager.chunks if c.nvme is not None) >= 2
+    batches = gpt_batches(cfg, STEPS)
+    assert train_steps(m1, o1, batches) == train_steps(m2, o2, batches)
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert _updated_in_backward(o1) > 0
+    # Updated as they complete, fewer gradients wait in the host cache for the step, so fewer
+    # are written to disk when it is full.
+    assert manager.cache.bytes_spilled < m2._heteromem.manager.cache.bytes_spilled
 
 
 class _Reversed(torch.nn.Module):

@@ -218,22 +218,15 @@ def _apply(vdir: str, reads: list, pairs: list, state) -> None:
         for index in sorted(by_chunk):
             chunk = manager.chunks[index]
             # Every tensor holding this chunk's values now; unlike the file's regions, a
-            # master kept apart from the parameters (on the device, on NVMe) in fp32 too.
-            dst = {"params": manager.values(chunk)}
-            if chunk.trainable:
-                dst.update(zip(("master", "exp_avg", "exp_avg_sq"), manager.states(chunk)))
-                if dst["master"].data_ptr() == dst["params"].data_ptr():
-                    del dst["master"]  # fp32 on the host: the parameters are the master
+            # master kept apart from the parameters (on the device) in fp32 too.
+            dst = manager.image(chunk)
             for saved, shard, lo, hi, slot, into in by_chunk[index]:
                 stored = {r["name"] for r in saved["regions"]}
                 for name, tensor in dst.items():
                     # fp32 files hold no separate master: the parameters are the master
                     source = name if name in stored else "params"
                     tensor[into].copy_(parts.read(saved, shard, source, lo, hi))
-            if chunk.nvme is not None:
-                manager.nvme.store(chunk)
-            if chunk.resident and not chunk.states_on_device:
-                chunk.device_stale = True
+            manager.store_image(chunk)
     finally:
         parts.close()
     for entry, slot in pairs:

@@ -62,10 +62,8 @@ def region_offsets(entry: dict, lo: int, hi: int) -> dict[str, tuple[int, torch.
 def live_tensors(manager, chunk: Chunk) -> dict[str, torch.Tensor]:
     """The tensors holding each region now. NVMe states are read into staging slot 0: the
     views stay valid until that slot is used again."""
-    out = {"params": manager.values(chunk)}
-    if chunk.trainable:
-        out.update(zip(("master", "exp_avg", "exp_avg_sq"), manager.states(chunk)))
-    return {name: out[name] for name, _ in regions(chunk)}
+    image = manager.image(chunk)
+    return {name: image[name] for name, _ in regions(chunk)}
 
 
 def check_quiet(state, what: str) -> None:
