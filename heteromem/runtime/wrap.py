@@ -24,6 +24,7 @@ from heteromem.memory.sizes import parse_size
 from heteromem.memory.tiers import Tier
 from heteromem.runtime.hooks import Hooks
 from heteromem.runtime.hyperparams import check_adam_group
+from heteromem.runtime.materialize import Undo, fill_chunks, move_buffers
 from heteromem.runtime.optimizer import HeteroAdam
 from heteromem.runtime.report import Report, TierReport
 from heteromem.runtime.scaler import LossScaler
@@ -320,15 +321,15 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
     # NOTE: from here on the model changes; a failure puts it back as it was (parameters,
     # buffers) and removes the NVMe folder, so a refused wrap leaves nothing behind.
-    undo = _Undo(model, slots)
+    undo = Undo(model, slots)
     nvme = None
     try:
-        buffer_bytes = _move_buffers(model, dev, dtype, device_tier)
+        buffer_bytes = move_buffers(model, dev, dtype, device_tier)
         if nvme_dir is not None:
             nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, staging_slots, host_tier,
                             pin=dev.type == "cuda", owner=model)
             undo.nvme = nvme
-        _fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
+        fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
                      on_nvme=on_nvme)
         if comm is None:
             manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
@@ -366,25 +367,6 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     model._heteromem = state
     install_state_dict_methods(model, state)
     return model, opt
-
-
-class _Undo:
-    """Puts a model back as it was before a wrap that failed part-way."""
-
-    def __init__(self, model: torch.nn.Module, slots: list[ParamSlot]) -> None:
-        self.params = [(s.param, s.param.data) for s in slots]
-        self.buffers = [(m, dict(m._buffers)) for m in model.modules() if m._buffers]
-        self.nvme: NvmeTier | None = None
-
-    def __call__(self) -> None:
-        for param, data in self.params:
-            param.data = data
-            if hasattr(param, "_heteromem_slot"):
-                del param._heteromem_slot
-        for module, buffers in self.buffers:
-            module._buffers.update(buffers)
-        if self.nvme is not None:
-            self.nvme.close()
 
 
 def _check_step_in_backward(step_in_backward: object, max_grad_norm: float | None,
@@ -434,20 +416,6 @@ def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunk
             what="the largest module's working set")
 
 
-def _move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, tier: Tier) -> int:
-    """Buffers stay on the device (not paged); floating ones take the compute dtype."""
-    total = 0
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is None:
-                continue
-            new = buf.to(dev, dtype) if buf.is_floating_point() else buf.to(dev)
-            module._buffers[name] = new
-            total += new.numel() * new.element_size()
-    tier.reserve(total, "the model's buffers", advice="raise device_memory")
-    return total
-
-
 def _staging_slots(staging_budget: int | None, capacity: int) -> int:
     slot = staging_bytes(capacity, 1)
     if staging_budget is None:
@@ -486,44 +454,3 @@ def _plan_nvme_states(chunks: list[Chunk], dtype: torch.dtype, host_budget: int 
         else:
             on_nvme.add(id(chunk))
     return on_nvme
-
-
-def _fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier,
-                 nvme: NvmeTier | None, on_nvme: set[int]) -> None:
-    """Allocates each chunk's host buffers and copies the parameters in; the optimizer states
-    of the chunks in `on_nvme` are written to the NVMe tier instead."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    advice = "raise host_memory" + ("" if nvme is not None else
-                                    ", or set nvme_dir to keep optimizer states on NVMe")
-    for chunk in chunks:
-        host_tier.reserve(chunk.host_len * elem, f"parameters of chunk {chunk.index}",
-                          advice=advice)
-        chunk.host = torch.zeros(chunk.host_len, dtype=dtype, pin_memory=pin)
-    if on_nvme:
-        nvme.reserve_staging()
-    for chunk in chunks:
-        master = None
-        if chunk.trainable:
-            if id(chunk) in on_nvme or dtype != torch.float32:
-                master = torch.zeros(chunk.host_len, dtype=torch.float32,
-                                     pin_memory=pin and id(chunk) not in on_nvme)
-            else:
-                master = chunk.host
-        with torch.no_grad():
-            for slot, mine, theirs in sharding.owned_ranges(chunk):
-                data = slot.param.detach().reshape(-1)[theirs]
-                if master is not None and master is not chunk.host:
-                    master[mine].copy_(data)
-                    chunk.host[mine].copy_(master[mine])
-                else:
-                    chunk.host[mine].copy_(data)
-        if not chunk.trainable:
-            continue
-        if id(chunk) in on_nvme:
-            nvme.place(chunk, master, None, None)
-            continue
-        host_tier.reserve(chunk.state_bytes(), f"optimizer state of chunk {chunk.index}",
-                          advice=advice)
-        chunk.master = master
-        chunk.exp_avg = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
-        chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
