@@ -32,8 +32,9 @@ def live_values(slot: ParamSlot) -> torch.Tensor:
 def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier,
                 nvme: NvmeTier | None, on_nvme: set[int], source: Source = live_values) -> None:
     """Allocates each chunk's host buffers and writes every slot's values from `source` into
-    them, chunk by chunk in order; the optimizer states of the chunks in `on_nvme` are written
-    to the NVMe tier instead."""
+    them, chunk by chunk and slot by slot in order; the optimizer states of the chunks in
+    `on_nvme` are written to the NVMe tier instead. `source(slot)` is called exactly once per
+    slot, in that order."""
     elem = torch.empty((), dtype=dtype).element_size()
     advice = "raise host_memory" + ("" if nvme is not None else
                                     ", or set nvme_dir to keep optimizer states on NVMe")
@@ -52,13 +53,19 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
             else:
                 master = chunk.host
         with torch.no_grad():
-            for slot, mine, theirs in sharding.owned_ranges(chunk):
-                data = source(slot).reshape(-1)[theirs]
-                if master is not None and master is not chunk.host:
-                    master[mine].copy_(data)
-                    chunk.host[mine].copy_(master[mine])
-                else:
-                    chunk.host[mine].copy_(data)
+            for slot in chunk.slots:
+                # NOTE: every slot is asked, also those another rank owns (sharded), so a
+                # source that makes values in order (init) never has to hold any back.
+                data = source(slot)
+                part = sharding.owned_part(chunk, slot)
+                if part is not None:
+                    mine, theirs = part
+                    data = data.reshape(-1)[theirs]
+                    if master is not None and master is not chunk.host:
+                        master[mine].copy_(data)
+                        chunk.host[mine].copy_(master[mine])
+                    else:
+                        chunk.host[mine].copy_(data)
                 del data  # the next slot's values may be large: drop these first
         if not chunk.trainable:
             continue
@@ -86,6 +93,17 @@ def move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, 
     return total
 
 
+def to_materialized(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Makes `param` (the same object) hold `value`, whether or not either is on the meta
+    device: `.data` cannot move a tensor between meta and real storage, `swap_tensors` can."""
+    if param.is_meta == value.is_meta:
+        param.data = value
+        return
+    new = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+    new.__dict__.update(param.__dict__)  # swap_tensors swaps attributes too: keep param's
+    torch.utils.swap_tensors(param, new)
+
+
 class Undo:
     """Puts a model back as it was before a wrap that failed part-way."""
 
@@ -96,7 +114,7 @@ class Undo:
 
     def __call__(self) -> None:
         for param, data in self.params:
-            param.data = data
+            to_materialized(param, data)
             if hasattr(param, "_heteromem_slot"):
                 del param._heteromem_slot
         for module, buffers in self.buffers:
