@@ -112,6 +112,31 @@ def _own_init(model: torch.nn.Module, names: dict[int, str], modules: list[torch
     return init
 
 
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator is not the one to help
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Gives the pages of freed heap blocks back to the OS.
+
+    NOTE: glibc serves allocations below its mmap threshold (which rises up to 32 MiB once
+    a process has freed larger blocks) from the heap, and a freed block that small
+    allocations have since split cannot hold the next tensor of the same size: filling
+    chunk by chunk would then grow RSS by every materialised tensor, as if the model were
+    whole. `malloc_trim(0)` releases the free pages wherever they are; called once a
+    chunk, so at most about one chunk of freed values stays resident."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _nan_filled(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return torch.full(t.shape, math.nan, dtype=t.dtype)
@@ -140,6 +165,8 @@ class Materializer:
         self.modules = apply_order(model)
         self.plan: wfiles.WeightsPlan | None = None
         self.reader = wfiles.TensorReader()
+        self.prefetch: wfiles.Prefetch | None = None
+        self._chunk = None  # the chunk values() last served
         if weights is not None:
             self.plan = _weights_plan(model, weights, adapter_params)
             self.init = None
@@ -168,19 +195,29 @@ class Materializer:
 
     # ------------------------------------------------------------------ values
 
-    def prepare(self) -> None:
+    def prepare(self, chunks: list) -> None:
         """Changes the model for the first time (inside wrap's put-back-on-failure): PEFT
-        adapters on the meta device are made by PEFT's own init."""
+        adapters on the meta device are made by PEFT's own init. With `weights`, starts
+        reading the files in the order `fill_chunks` will ask for `chunks`' slots, at most
+        about one chunk ahead."""
         from heteromem.integrations import lora
         for layer, adapter, init in self.adapters:
             lora.materialize_adapter(layer, adapter, init)
+        if self.plan is not None and chunks:
+            order = [self.plan.source[id(s.param)] for c in chunks for s in c.slots
+                     if self.plan.has(s.param)]
+            budget = chunks[0].capacity * max(4, chunks[0].dtype.itemsize)
+            self.prefetch = wfiles.Prefetch(self.reader, order, budget)
 
     def values(self, slot: ParamSlot) -> torch.Tensor:
         """`fill_chunks`' source: the parameter's values. A meta parameter is left an empty
         CPU tensor (wrap makes it a placeholder next)."""
+        if slot.chunk is not self._chunk:  # once a chunk: the previous chunk's values
+            release_freed_memory()
+            self._chunk = slot.chunk
         param = slot.param
         if self.plan is not None and self.plan.has(param):
-            value = self.reader.read(self.plan.name_of(param), self.plan.source[id(param)][1])
+            value = self.prefetch.get(self.plan.name_of(param))
         elif id(param) not in self.meta_params:
             return param.detach()
         elif self.plan is not None:  # a meta parameter the plan would have named as missing
@@ -253,6 +290,8 @@ class Materializer:
                 self._check_buffers(module, made, "the model's init")
 
     def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
         self.reader.close()
 
 

@@ -41,15 +41,19 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
     for chunk in chunks:
         host_tier.reserve(chunk.host_len * elem, f"parameters of chunk {chunk.index}",
                           advice=advice)
-        chunk.host = torch.zeros(chunk.host_len, dtype=dtype, pin_memory=pin)
+        # NOTE: empty, not zeros: every slot is written below and `zero_gaps` clears the rest,
+        # so each page is written once (a memset first would double the work of a load).
+        chunk.host = torch.empty(chunk.host_len, dtype=dtype, pin_memory=pin)
+        zero_gaps(chunk.host, chunk)
     if on_nvme:
         nvme.reserve_staging()
     for chunk in chunks:
         master = None
         if chunk.trainable:
             if id(chunk) in on_nvme or dtype != torch.float32:
-                master = torch.zeros(chunk.host_len, dtype=torch.float32,
+                master = torch.empty(chunk.host_len, dtype=torch.float32,
                                      pin_memory=pin and id(chunk) not in on_nvme)
+                zero_gaps(master, chunk)
             else:
                 master = chunk.host
         with torch.no_grad():
@@ -77,6 +81,21 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
         chunk.master = master
         chunk.exp_avg = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
         chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+
+
+def zero_gaps(buffer: torch.Tensor, chunk: Chunk) -> None:
+    """Zeroes the elements of a chunk's host-side buffer (this rank's part of the chunk)
+    that no slot covers: alignment padding and the unused tail."""
+    lo, n = chunk.shard_lo, chunk.host_len
+    done = 0
+    for slot in sorted(chunk.slots, key=lambda s: s.offset):
+        start = min(max(slot.offset - lo, 0), n)
+        stop = min(max(slot.offset + slot.numel - lo, 0), n)
+        if start > done:
+            buffer[done:start].zero_()
+        done = max(done, stop)
+    if done < n:
+        buffer[done:n].zero_()
 
 
 def move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, tier: Tier) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -233,3 +235,67 @@ class TensorReader:
 
     def close(self) -> None:
         self._open.clear()
+
+
+class Prefetch:
+    """Reads the tensors `order` names on a thread of its own, ahead of `get`, at most
+    `budget` bytes ahead (one tensor at least), so reading the files overlaps writing the
+    chunks. `get` must ask for them in `order`'s order."""
+
+    def __init__(self, reader: TensorReader, order: list[tuple[str, FileTensor]],
+                 budget: int) -> None:
+        self.reader, self.budget = reader, budget
+        self.pending = deque(order)  # what `get` will ask for, in order
+        self.ready: deque[tuple[str, torch.Tensor | BaseException]] = deque()
+        self.ahead = 0  # bytes read and not yet taken
+        self.cond = threading.Condition()
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, args=(list(order),),
+                                       name="heteromem-weights", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _bytes(entry: FileTensor) -> int:
+        n = 1
+        for d in entry.shape:
+            n *= d
+        dtype = _DTYPES.get(entry.dtype)
+        return n * (dtype.itemsize if dtype is not None else 1)
+
+    def _run(self, order: list[tuple[str, FileTensor]]) -> None:
+        for name, entry in order:
+            nbytes = self._bytes(entry)
+            with self.cond:
+                self.cond.wait_for(lambda: self.stop or self.ahead == 0
+                                   or self.ahead + nbytes <= self.budget)
+                if self.stop:
+                    return
+            try:
+                value: torch.Tensor | BaseException = self.reader.read(name, entry)
+            except BaseException as exc:  # handed to `get`, which raises it
+                value = exc
+            with self.cond:
+                self.ready.append((name, value))
+                self.ahead += nbytes
+                self.cond.notify_all()
+            if isinstance(value, BaseException):
+                return
+
+    def get(self, name: str) -> torch.Tensor:
+        with self.cond:
+            self.cond.wait_for(lambda: self.ready)
+            got, value = self.ready.popleft()
+            _, entry = self.pending.popleft()
+            self.ahead -= self._bytes(entry)
+            self.cond.notify_all()
+        if isinstance(value, BaseException):
+            raise value
+        assert got == name, f"weights read out of order: {got!r} before {name!r}"
+        return value
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        self.thread.join()
+        self.ready.clear()

@@ -337,7 +337,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     nvme = None
     try:
         if source is not None:
-            source.prepare()
+            source.prepare(chunks)
         if nvme_dir is not None:
             nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, staging_slots, host_tier,
                             pin=dev.type == "cuda", owner=model)
