@@ -89,16 +89,15 @@ def transformers_owners(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 def _own_init(model: torch.nn.Module, names: dict[int, str], modules: list[torch.nn.Module],
-              what: str) -> Callable[[torch.nn.Module], None]:
+              problem: Callable[[torch.nn.Module], str]) -> Callable[[torch.nn.Module], None]:
     """The model's own init for `modules`: a transformers model's `_init_weights`, else each
-    module's `reset_parameters()`. A module in `modules` with neither is refused, naming it."""
+    module's `reset_parameters()`. A module in `modules` with neither is refused: `problem`
+    says what it lacks and what to do."""
     owners = transformers_owners(model)
     for module in modules:
         if id(module) not in owners and not callable(getattr(module, "reset_parameters", None)):
             raise ValueError(f"hm.wrap: module {names[id(module)]!r} ({type(module).__name__}) "
-                             f"has {what} and no reset_parameters() to make them; pass "
-                             "init=fn, called as fn(module) for every module as model.apply "
-                             "calls it, or weights=... to load them")
+                             + problem(module))
 
     def init(module: torch.nn.Module) -> None:
         owner = owners.get(id(module))
@@ -169,11 +168,23 @@ class Materializer:
         self._chunk = None  # the chunk values() last served
         if weights is not None:
             self.plan = _weights_plan(model, weights, adapter_params)
-            self.init = None
+            # Meta buffers the files lack (rotary inv_freq): the model's own code makes them.
+            self.computed = [(m, [n for n, b in m._buffers.items() if b is not None
+                                  and b.is_meta and not self.plan.has(b)])
+                             for m in model.modules()]
+            self.computed = [(m, made) for m, made in self.computed if made]
+            missing = dict(self.computed)
+            self.init = _own_init(model, self.names, list(missing), lambda m: (
+                f"has buffer(s) {missing[m]} on the meta device that the weights do not hold, "
+                "and no reset_parameters() to compute them; build the model with those "
+                "buffers materialised, or save them into the weights"))
         else:
             if init is None:
                 init = _own_init(model, self.names, [m for m in self.modules if any(
-                    t.is_meta for t in _own(m))], "tensors on the meta device")
+                    t.is_meta for t in _own(m))], lambda m: (
+                    "has tensors on the meta device and no reset_parameters() to make them; "
+                    "pass init=fn, called as fn(module) for every module as model.apply "
+                    "calls it, or weights=... to load them"))
             self.init = init
             self._last_owner: dict[int, int] = {}
             for k, module in enumerate(self.modules):
@@ -268,26 +279,16 @@ class Materializer:
             while self._next < len(self.modules):
                 self._init_next()
             return
-        compute = []
         for module in self.model.modules():
-            made = []
             for name, b in module._buffers.items():
-                if b is None:
-                    continue
-                if self.plan.has(b):
+                if b is not None and self.plan.has(b):
                     value = self.reader.read(self.plan.name_of(b), self.plan.source[id(b)][1])
                     module._buffers[name] = value.to(b.dtype)
-                elif b.is_meta:
-                    module._buffers[name] = _nan_filled(b)
-                    made.append(name)
-            if made:
-                compute.append((module, made))
-        if compute:
-            init = _own_init(self.model, self.names, [m for m, _ in compute],
-                             "buffers on the meta device that the weights do not hold")
-            for module, made in compute:
-                init(module)
-                self._check_buffers(module, made, "the model's init")
+        for module, made in self.computed:
+            for name in made:
+                module._buffers[name] = _nan_filled(module._buffers[name])
+            self.init(module)
+            self._check_buffers(module, made, "the model's init")
 
     def close(self) -> None:
         if self.prefetch is not None:
