@@ -249,26 +249,35 @@ class Materializer:
         made = []
         for p in module._parameters.values():
             if p is not None and p.is_meta:
-                to_materialized(p, torch.empty(p.shape, dtype=p.dtype))
+                to_materialized(p, _nan_filled(p))
         for name, b in module._buffers.items():
             if b is not None and b.is_meta:
                 module._buffers[name] = _nan_filled(b)
                 made.append(name)
         self.init(module)
-        self._check_buffers(module, made, "init(module)")
-        for p in module._parameters.values():
+        self._check_set(module, module._buffers, made, "buffer", "init(module)")
+        for name, p in module._parameters.items():
             if p is not None and self._last_owner.get(id(p)) == k and id(p) in self.meta_params:
+                # Final once its last owner's init ran (a tied parameter has several).
+                self._check_set(module, module._parameters, [name], "parameter", "init(module)")
                 self._ready[id(p)] = p.detach()
                 to_materialized(p, torch.empty(0, dtype=p.dtype))
 
-    def _check_buffers(self, module: torch.nn.Module, made: list[str], by: str) -> None:
-        for name in made:
-            b = module._buffers[name]
-            if b is not None and b.is_floating_point() and b.numel() and bool(b.isnan().all()):
-                raise ValueError(f"hm.wrap: buffer {name!r} of module "
+    def _check_set(self, module: torch.nn.Module, tensors: dict, names: list[str], kind: str,
+                   by: str) -> None:
+        """Tensors are materialised filled with NaN: one still NaN at both ends was never set
+        (a check of two elements, not a pass over the values)."""
+        for name in names:
+            t = tensors[name]
+            if t is None or not t.is_floating_point() or not t.numel():
+                continue
+            flat = t.detach().reshape(-1)
+            if bool(flat[0].isnan()) and bool(flat[-1].isnan()):
+                raise ValueError(f"hm.wrap: {kind} {name!r} of module "
                                  f"{self.names[id(module)]!r} ({type(module).__name__}) was on "
                                  f"the meta device and {by} did not set it; set it there "
-                                 "(buffers are materialised with NaN so a forgotten one shows)")
+                                 f"(meta tensors are materialised filled with NaN, so one left "
+                                 "unset shows)")
 
     # ------------------------------------------------------------------ buffers
 
@@ -288,7 +297,7 @@ class Materializer:
             for name in made:
                 module._buffers[name] = _nan_filled(module._buffers[name])
             self.init(module)
-            self._check_buffers(module, made, "the model's init")
+            self._check_set(module, module._buffers, made, "buffer", "the model's init")
 
     def close(self) -> None:
         if self.prefetch is not None:

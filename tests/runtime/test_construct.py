@@ -150,6 +150,18 @@ def test_a_buffer_init_does_not_set_is_named_and_nothing_changes():
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_a_parameter_init_does_not_set_is_named():
+    def no_norms(module):
+        if not isinstance(module, nn.LayerNorm):
+            init(module)
+
+    meta = _meta()
+    with pytest.raises(ValueError, match=r"parameter 'weight' of module 'blocks\.0\.norm' "
+                                         r"\(LayerNorm\).*did not set it"):
+        hm.wrap(meta, device="cpu", init=no_norms, chunk_mb=0.008)
+    assert all(t.is_meta for t in _all_tensors(meta).values())
+
+
 def test_an_init_that_fails_part_way_leaves_the_model_as_it_was():
     calls = []
 
