@@ -41,7 +41,7 @@ def from_pretrained(path: str | os.PathLike, *, config: object = None,
         if key in wrap_kwargs:
             raise TypeError(f"{_WHAT}: {key}= is not an argument here: the weights are the "
                             "folder's; use hm.wrap(model, ..., weights=...) for other sources")
-    files = wfiles.weight_files(path, f"{_WHAT}: path")  # a folder without weights: say so now
+    files, _ = wfiles.weight_files(path, f"{_WHAT}: path")  # a folder without weights: now
     if config is None:
         config = transformers.AutoConfig.from_pretrained(path)
     else:

@@ -218,13 +218,13 @@ class Materializer:
             order = [self.plan.source[id(s.param)] for c in chunks for s in c.slots
                      if self.plan.has(s.param)]
             budget = chunks[0].capacity * max(4, chunks[0].dtype.itemsize)
-            self.prefetch = wfiles.Prefetch(self.reader, order, budget)
+            self.prefetch = wfiles.Prefetch(order, budget)
 
     def values(self, slot: ParamSlot) -> torch.Tensor:
         """`fill_chunks`' source: the parameter's values. A meta parameter is left an empty
         CPU tensor (wrap makes it a placeholder next)."""
-        if slot.chunk is not self._chunk:  # once a chunk: the previous chunk's values
-            release_freed_memory()
+        if self.plan is None and slot.chunk is not self._chunk:
+            release_freed_memory()  # once a chunk: the previous chunk's values init made
             self._chunk = slot.chunk
         param = slot.param
         if self.plan is not None and self.plan.has(param):
@@ -309,7 +309,7 @@ def _weights_plan(model: torch.nn.Module, weights: object,
                   adapter_params: set[int]) -> wfiles.WeightsPlan:
     from heteromem.integrations import lora
 
-    files = wfiles.weight_files(weights)
+    files, index = wfiles.weight_files(weights)
     rename = lora.file_name if lora.is_peft_model(model) else (lambda name: name)
     state = type(model).state_dict(model, keep_vars=True)  # names only, nothing copied
     by_tensor: dict[int, wfiles.Target] = {}
@@ -323,4 +323,4 @@ def _weights_plan(model: torch.nn.Module, weights: object,
         if id(b) not in by_tensor:  # non-persistent: the files may hold it (old checkpoints)
             by_tensor[id(b)] = wfiles.Target([name], [rename(name)], b, False)
     ignore = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    return wfiles.WeightsPlan(files, list(by_tensor.values()), ignore)
+    return wfiles.WeightsPlan(files, index, list(by_tensor.values()), ignore)

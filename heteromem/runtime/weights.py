@@ -41,22 +41,24 @@ def torch_dtype(name: str) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class FileTensor:
-    """Where one tensor is: its file, and what its header says."""
+    """Where one tensor is: its file, what its header says, and its bytes' place in the file."""
 
     file: str
     shape: tuple[int, ...]
     dtype: str  # safetensors' name, e.g. "BF16"
+    begin: int = 0
+    end: int = 0
 
 
-def weight_files(path: object, what: str = "hm.wrap: weights") -> list[str]:
+def weight_files(path: object, what: str = "hm.wrap: weights") -> tuple[list[str], str | None]:
     """The safetensors files `path` names: the file itself, or a folder's shards (from its
-    index) or its single `model.safetensors`. Raises naming what is missing."""
+    index, returned too) or its single `model.safetensors`. Raises naming what is missing."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path (str or os.PathLike) to a .safetensors file or a "
                         f"folder of them, got {type(path).__name__}")
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(path):
-        return [path]
+        return [path], None
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}={path!r} does not exist; give a .safetensors file or a "
                                 "folder holding model.safetensors or model.safetensors.index.json")
@@ -67,10 +69,10 @@ def weight_files(path: object, what: str = "hm.wrap: weights") -> list[str]:
         if absent:
             raise CheckpointError(f"{what}: {index} lists {len(absent)} file(s) that are not in "
                                   f"the folder: {absent[:_LISTED]}; copy the missing shards")
-        return [os.path.join(path, f) for f in files]
+        return [os.path.join(path, f) for f in files], index
     single = os.path.join(path, SINGLE_NAME)
     if os.path.isfile(single):
-        return [single]
+        return [single], None
     present = sorted(os.listdir(path))
     hint = ""
     if any(f.endswith(".bin") or f.endswith(".pt") or f.endswith(".pth") for f in present):
@@ -100,34 +102,50 @@ def _read_index(index: str) -> dict[str, str]:
     return weight_map
 
 
-def read_headers(files: list[str]) -> dict[str, FileTensor]:
+def read_headers(files: list[str], index: str | None = None) -> dict[str, FileTensor]:
     """Every tensor's name -> where it is and its header entry, from every file's header
-    (checked by safetensors: a truncated or corrupt file is refused here, naming it)."""
+    (checked by safetensors: a truncated or corrupt file is refused here, naming it), and
+    checked against `index` (transformers' shard index) when given."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, FileTensor] = {}
     for file in files:
         try:
             with safe_open(file, framework="pt", backend="pread") as f:
+                offsets = _data_offsets(file)
                 for name in f.keys():
                     s = f.get_slice(name)
                     if name in tensors:
                         raise CheckpointError(f"hm.wrap: weights: tensor {name!r} is in both "
                                               f"{tensors[name].file} and {file}; remove one")
-                    tensors[name] = FileTensor(file, tuple(s.get_shape()), s.get_dtype())
-        except (SafetensorError, OSError) as exc:
+                    tensors[name] = FileTensor(file, tuple(s.get_shape()), s.get_dtype(),
+                                               *offsets[name])
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
             raise CheckpointError(f"hm.wrap: weights file {file} cannot be read as safetensors "
                                   f"({exc}); it is truncated, corrupt or not a safetensors file: "
                                   "copy or export it again") from None
-    index = os.path.join(os.path.dirname(files[0]), INDEX_NAME)
-    if len(files) > 1 or os.path.isfile(index):
-        for name, file in _read_index(index).items() if os.path.isfile(index) else ():
+    if index is not None:
+        for name, file in _read_index(index).items():
             have = tensors.get(name)
             if have is None or os.path.basename(have.file) != file:
+                where = "no file holds it" if have is None else f"it is in {have.file}"
                 raise CheckpointError(f"hm.wrap: weights: {index} says tensor {name!r} is in "
-                                      f"{file}, but {'no file holds it' if have is None else 'it is in ' + have.file}; "
-                                      "the index does not match the shards")
+                                      f"{file}, but {where}; the index does not match the shards")
     return tensors
+
+
+def _data_offsets(file: str) -> dict[str, tuple[int, int]]:
+    """name -> (first byte, end) of each tensor's data in `file`, from the header safetensors
+    has just checked (its library does not expose them): an 8-byte little-endian length,
+    that many bytes of JSON, then the data, which `data_offsets` count from."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    start = 8 + length
+    return {name: (start + e["data_offsets"][0], start + e["data_offsets"][1])
+            for name, e in header.items() if name != "__metadata__"}
 
 
 @dataclass
@@ -149,10 +167,10 @@ class WeightsPlan:
     unexpected, mis-shaped and unconvertible tensor together.
     """
 
-    def __init__(self, files: list[str], targets: list[Target],
+    def __init__(self, files: list[str], index: str | None, targets: list[Target],
                  ignore_unexpected: list[str] = ()) -> None:
         self.files = files
-        self.headers = read_headers(files)
+        self.headers = read_headers(files, index)
         self.source: dict[int, tuple[str, FileTensor]] = {}  # id(tensor) -> (name, entry)
         missing, shapes, dtypes, claimed = [], [], [], set()
         for t in targets:
@@ -240,13 +258,20 @@ class TensorReader:
 class Prefetch:
     """Reads the tensors `order` names on a thread of its own, ahead of `get`, at most
     `budget` bytes ahead (one tensor at least), so reading the files overlaps writing the
-    chunks. `get` must ask for them in `order`'s order."""
+    chunks. `get` must ask for them in `order`'s order; the tensor it returns is valid until
+    the next `get`.
 
-    def __init__(self, reader: TensorReader, order: list[tuple[str, FileTensor]],
-                 budget: int) -> None:
-        self.reader, self.budget = reader, budget
+    NOTE: the bytes are read with `os.preadv` (which releases the GIL) at the offsets of the
+    headers safetensors checked, into buffers this object reuses: a fresh tensor per read
+    would page-fault every byte in again and, freed, fragment the heap (see
+    `construct.release_freed_memory`); reused buffers fault once."""
+
+    def __init__(self, order: list[tuple[str, FileTensor]], budget: int) -> None:
+        self.budget = budget
         self.pending = deque(order)  # what `get` will ask for, in order
         self.ready: deque[tuple[str, torch.Tensor | BaseException]] = deque()
+        self.free: list[torch.Tensor] = []  # uint8 buffers to reuse
+        self.lent: torch.Tensor | None = None  # the buffer behind get's last value
         self.ahead = 0  # bytes read and not yet taken
         self.cond = threading.Condition()
         self.stop = False
@@ -254,44 +279,58 @@ class Prefetch:
                                        name="heteromem-weights", daemon=True)
         self.thread.start()
 
-    @staticmethod
-    def _bytes(entry: FileTensor) -> int:
-        n = 1
-        for d in entry.shape:
-            n *= d
-        dtype = _DTYPES.get(entry.dtype)
-        return n * (dtype.itemsize if dtype is not None else 1)
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        with self.cond:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            if fits:
+                return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def _run(self, order: list[tuple[str, FileTensor]]) -> None:
-        for name, entry in order:
-            nbytes = self._bytes(entry)
-            with self.cond:
-                self.cond.wait_for(lambda: self.stop or self.ahead == 0
-                                   or self.ahead + nbytes <= self.budget)
-                if self.stop:
+        files: dict[str, int] = {}
+        try:
+            for name, entry in order:
+                nbytes = entry.end - entry.begin
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stop or self.ahead == 0
+                                       or self.ahead + nbytes <= self.budget)
+                    if self.stop:
+                        return
+                try:
+                    fd = files.get(entry.file)
+                    if fd is None:
+                        fd = files[entry.file] = os.open(entry.file, os.O_RDONLY)
+                    buf = self._buffer(nbytes)
+                    _pread_into(fd, buf[:nbytes], entry.begin, name, entry)
+                    value: torch.Tensor | BaseException = buf
+                except BaseException as exc:  # handed to `get`, which raises it
+                    value = exc
+                with self.cond:
+                    self.ready.append((name, value))
+                    self.ahead += nbytes
+                    self.cond.notify_all()
+                if isinstance(value, BaseException):
                     return
-            try:
-                value: torch.Tensor | BaseException = self.reader.read(name, entry)
-            except BaseException as exc:  # handed to `get`, which raises it
-                value = exc
-            with self.cond:
-                self.ready.append((name, value))
-                self.ahead += nbytes
-                self.cond.notify_all()
-            if isinstance(value, BaseException):
-                return
+        finally:
+            for fd in files.values():
+                os.close(fd)
 
     def get(self, name: str) -> torch.Tensor:
         with self.cond:
+            if self.lent is not None:  # the caller is done with the last value
+                self.free.append(self.lent)
+                self.lent = None
             self.cond.wait_for(lambda: self.ready)
             got, value = self.ready.popleft()
             _, entry = self.pending.popleft()
-            self.ahead -= self._bytes(entry)
+            self.ahead -= entry.end - entry.begin
             self.cond.notify_all()
         if isinstance(value, BaseException):
             raise value
         assert got == name, f"weights read out of order: {got!r} before {name!r}"
-        return value
+        self.lent = value
+        data = value[:entry.end - entry.begin]
+        return data.view(_DTYPES[entry.dtype]).view(entry.shape)
 
     def close(self) -> None:
         with self.cond:
@@ -299,3 +338,21 @@ class Prefetch:
             self.cond.notify_all()
         self.thread.join()
         self.ready.clear()
+        self.free.clear()
+        self.lent = None
+
+
+def _pread_into(fd: int, out: torch.Tensor, offset: int, name: str, entry: FileTensor) -> None:
+    view = memoryview(out.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise CheckpointError(f"hm.wrap: reading tensor {name!r} from {entry.file} failed "
+                                  f"({exc}). The model was put back as it was.") from None
+        if n == 0:
+            raise CheckpointError(f"hm.wrap: {entry.file} ended inside tensor {name!r}: it was "
+                                  "truncated since it was checked. The model was put back as "
+                                  "it was; copy or export the file again")
+        done += n

@@ -126,25 +126,29 @@ def test_a_damaged_file_is_named_before_anything_changes(tmp_path, damage):
     assert _all_meta(meta)
 
 
-def test_a_read_that_fails_part_way_puts_the_model_back(tmp_path, monkeypatch):
+def test_a_file_truncated_after_the_check_puts_the_model_back(tmp_path, monkeypatch):
+    """The file is cut while the model is being filled: the read that meets its end fails
+    naming file and tensor, and the model is as it was before the wrap."""
     _, path = _saved(tmp_path)
-    real = wfiles.TensorReader.read
+    real = wfiles._pread_into
     calls = []
 
-    def flaky(self, name, entry):
+    def cut(fd, out, offset, name, entry):
         calls.append(name)
         if len(calls) == 4:
-            raise hm.CheckpointError(f"reading tensor {name!r} failed")
-        return real(self, name, entry)
+            os.truncate(path, offset + 8)
+        real(fd, out, offset, name, entry)
 
-    monkeypatch.setattr(wfiles.TensorReader, "read", flaky)
+    monkeypatch.setattr(wfiles, "_pread_into", cut)
     meta = _meta()
     params = dict(meta.named_parameters())
-    with pytest.raises(hm.CheckpointError, match="reading tensor"):
+    with pytest.raises(hm.CheckpointError, match="ended inside tensor") as err:
         hm.wrap(meta, device="cpu", weights=path, chunk_mb=0.008)
+    assert f"{path} ended inside tensor {calls[3]!r}" in str(err.value)
     assert _all_meta(meta)
     assert all(p is params[n] for n, p in meta.named_parameters())
-    monkeypatch.setattr(wfiles.TensorReader, "read", real)
+    monkeypatch.setattr(wfiles, "_pread_into", real)
+    _saved(tmp_path)  # written again whole
     model, _ = hm.wrap(meta, device="cpu", weights=path, chunk_mb=0.008)
     assert not any(p.is_meta for p in model.parameters())
 
