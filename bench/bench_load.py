@@ -11,7 +11,9 @@ whole in RAM here either; it is kept and reused by later runs with the same size
 one process and with the files dropped from the page cache before each measurement
 (posix_fadvise DONTNEED, so both read from the drive):
 
-- baseline: every file read once, front to back, into one reused buffer;
+- baselines: every file read once, front to back, into one reused buffer (the time to read
+  the files: the issue's baseline); and read into one fresh buffer of the checkpoint's size
+  (the least a load into host-resident parameters does: every page faulted in once);
 - each case, twice: `hm.from_pretrained(folder, ...)` on the CPU, with the wall time (the
   faster run) and the peak RSS growth (VmHWM after resetting it through /proc/self/clear_refs,
   minus RSS before; the larger run);
@@ -128,6 +130,24 @@ def read_files(folder: Path) -> float:
     return time.perf_counter() - start
 
 
+def read_into_fresh_memory(folder: Path, total: int) -> float:
+    """Seconds to read every file into one new buffer of the checkpoint's size: the least a
+    load into host-resident parameters does (each page faulted in once, each byte read)."""
+    start = time.perf_counter()
+    buf = torch.empty(total + 2**20, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(view[done:done + 64 * 2**20])
+                if not n:
+                    break
+                done += n
+    seconds = time.perf_counter() - start
+    del buf
+    return seconds
+
+
 def _rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -201,7 +221,11 @@ def run(params: float, dtype: torch.dtype, cases: list[str], base: Path) -> dict
     read = read_files(folder)
     drop_cache(folder)
     read_again = read_files(folder)  # the drive's speed varies: the faster of two
+    drop_cache(folder)
+    fresh = read_into_fresh_memory(folder, sum(f.stat().st_size for f in
+                                               folder.glob("*.safetensors")))
     out = dict(params=n, checkpoint_bytes=data_bytes, read_seconds=min(read, read_again),
+               read_into_fresh_seconds=fresh,
                torch=torch.__version__, date=time.strftime("%Y-%m-%d"), cases=[])
     scratch = base / f"load-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -214,6 +238,7 @@ def run(params: float, dtype: torch.dtype, cases: list[str], base: Path) -> dict
             r["rss_growth"] = max(x["rss_growth"] for x in runs)
             r["all_seconds"] = [x["seconds"] for x in runs]
             r["time_ratio"] = r["seconds"] / out["read_seconds"]
+            r["fresh_ratio"] = r["seconds"] / out["read_into_fresh_seconds"]
             r["rss_ratio"] = r["rss_growth"] / data_bytes
             out["cases"].append(r)
     finally:
@@ -223,16 +248,16 @@ def run(params: float, dtype: torch.dtype, cases: list[str], base: Path) -> dict
 
 
 def _print(result: dict) -> None:
-    gb = 1e9
-    print(f"checkpoint: {result['params'] / 1e9:.3f}B parameters, "
-          f"{result['checkpoint_bytes'] / gb:.2f} GB; reading its files: "
-          f"{result['read_seconds']:.2f} s ({result['checkpoint_bytes'] / gb / result['read_seconds']:.2f} GB/s)")
-    print(f"{'case':>10} {'load s':>8} {'x read':>7} {'RSS +GB':>8} {'x ckpt':>7} "
-          f"{'host GB':>8} {'nvme GB':>8}")
+    gb, ckpt, read = 1e9, result["checkpoint_bytes"], result["read_seconds"]
+    print(f"checkpoint: {result['params'] / 1e9:.3f}B parameters, {ckpt / gb:.2f} GB; reading "
+          f"its files: {read:.2f} s ({ckpt / gb / read:.2f} GB/s); into fresh memory of their "
+          f"size: {result['read_into_fresh_seconds']:.2f} s")
+    print(f"{'case':>10} {'load s':>8} {'x read':>7} {'x fresh':>8} {'RSS +GB':>8} "
+          f"{'x ckpt':>7} {'host GB':>8} {'nvme GB':>8}")
     for c in result["cases"]:
         print(f"{c['case']:>10} {c['seconds']:>8.2f} {c['time_ratio']:>7.2f} "
-              f"{c['rss_growth'] / gb:>8.2f} {c['rss_ratio']:>7.2f} {c['host_bytes'] / gb:>8.2f} "
-              f"{c['nvme_bytes'] / gb:>8.2f}")
+              f"{c['fresh_ratio']:>8.2f} {c['rss_growth'] / gb:>8.2f} {c['rss_ratio']:>7.2f} "
+              f"{c['host_bytes'] / gb:>8.2f} {c['nvme_bytes'] / gb:>8.2f}")
 
 
 def _base_dir() -> Path:

@@ -52,8 +52,8 @@ def adapter_params(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def meta_adapters(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, object]]:
-    """(LoRA layer, adapter name, its `init_lora_weights`) of every adapter whose weights are on the meta device.
-    Checks they can be made without base weights (refused: DoRA, and initialisations such as
+    """(LoRA layer, adapter name, its `init_lora_weights`) of every adapter whose weights are
+    on the meta device. Checks they can be made without base weights (refused: DoRA, and initialisations such as
     PiSSA or LoftQ that are computed from the base weights)."""
     if not is_peft_model(model):
         return []

@@ -26,6 +26,11 @@ from heteromem.runtime.materialize import to_materialized
 from heteromem.runtime import weights as wfiles
 
 
+# How far the weights are read ahead of the chunk being filled: enough to keep the drive busy
+# while a tensor is copied, small beside a chunk (a larger tensor is read alone).
+READ_AHEAD_BYTES = 64 * 2**20
+
+
 def materializer(model: torch.nn.Module, init: object, weights: object) -> "Materializer | None":
     """The Materializer for `model`, or None for an ordinary model with neither `init` nor
     `weights`. Checks `init`, `weights` and the model; changes nothing."""
@@ -158,7 +163,8 @@ class Materializer:
                     "one of them (a module's init sets all of its parameters together)")
         from heteromem.integrations import lora
         self.adapters = lora.meta_adapters(model)  # PEFT adapters: made by PEFT, up front
-        adapter_params = {id(p) for layer, _, _ in self.adapters for p in lora.adapter_params(layer)}
+        adapter_params = {id(p) for layer, _, _ in self.adapters
+                          for p in lora.adapter_params(layer)}
         self.meta_params = {id(p) for p in model.parameters()
                             if p.is_meta and id(p) not in adapter_params}
         self.modules = apply_order(model)
@@ -196,7 +202,8 @@ class Materializer:
 
     # ------------------------------------------------------------------ layout
 
-    def pack_order(self, named: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, torch.nn.Parameter]]:
+    def pack_order(self, named: list[tuple[str, torch.nn.Parameter]]
+                   ) -> list[tuple[str, torch.nn.Parameter]]:
         """With `init`, parameters are packed in the order their values become final (their
         last owner's place in apply order), so each chunk fills while the values it needs
         are being made and nothing waits long; with `weights`, in the model's order."""
@@ -210,15 +217,15 @@ class Materializer:
         """Changes the model for the first time (inside wrap's put-back-on-failure): PEFT
         adapters on the meta device are made by PEFT's own init. With `weights`, starts
         reading the files in the order `fill_chunks` will ask for `chunks`' slots, at most
-        about one chunk ahead."""
+        `READ_AHEAD_BYTES` or one chunk, whichever is less (one tensor at least), ahead."""
         from heteromem.integrations import lora
         for layer, adapter, init in self.adapters:
             lora.materialize_adapter(layer, adapter, init)
         if self.plan is not None and chunks:
             order = [self.plan.source[id(s.param)] for c in chunks for s in c.slots
                      if self.plan.has(s.param)]
-            budget = chunks[0].capacity * max(4, chunks[0].dtype.itemsize)
-            self.prefetch = wfiles.Prefetch(order, budget)
+            chunk_bytes = chunks[0].capacity * chunks[0].dtype.itemsize
+            self.prefetch = wfiles.Prefetch(order, min(READ_AHEAD_BYTES, chunk_bytes))
 
     def values(self, slot: ParamSlot) -> torch.Tensor:
         """`fill_chunks`' source: the parameter's values. A meta parameter is left an empty

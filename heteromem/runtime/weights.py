@@ -1,10 +1,13 @@
 """Weights from safetensors files, read tensor by tensor: `hm.wrap(model, weights=path)`.
 
 `path` is one `.safetensors` file or a folder as transformers writes it (`model.safetensors`,
-or shards listed by `model.safetensors.index.json`). Every file's header is read and checked
-against the model before anything is allocated (`WeightsPlan`); values are then read one tensor
-at a time with safetensors' `pread` backend, so neither a file nor the state dict is ever held
-whole (a memory map would keep every page it touched resident until the file is closed).
+or shards listed by `model.safetensors.index.json`). Every file is opened with the safetensors
+library, which checks its header (a truncated or corrupt file is refused, naming it), and its
+tensors are matched against the model before anything is allocated (`WeightsPlan`). Parameter
+values are then read one tensor at a time at the offsets of those checked headers, on a
+thread about one chunk ahead (`Prefetch`); buffers with the library's `get_tensor`. Neither a
+file nor the state dict is ever held whole (a memory map would also keep every page it
+touched resident until the file is closed).
 """
 
 from __future__ import annotations
@@ -202,13 +205,15 @@ class WeightsPlan:
         problems = []
         for title, items in [("missing from the files", missing),
                              ("in the files but not in the model", unexpected),
-                             ("of the wrong shape", shapes), ("of a dtype the model cannot take", dtypes)]:
+                             ("of the wrong shape", shapes),
+                             ("of a dtype the model cannot take", dtypes)]:
             if items:
                 more = f", and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
                 problems.append(f"{len(items)} tensor(s) {title}: "
                                 + "; ".join(str(i) for i in items[:_LISTED]) + more)
         if problems:
-            where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} files)"
+            where = (files[0] if len(files) == 1
+                     else f"{os.path.dirname(files[0])} ({len(files)} files)")
             raise CheckpointError(f"hm.wrap: weights {where} do not fit the model:\n  "
                                   + "\n  ".join(problems) + "\nNothing was changed. Build the "
                                   "model from the same config as the checkpoint (the names are "
@@ -259,7 +264,9 @@ class Prefetch:
     """Reads the tensors `order` names on a thread of its own, ahead of `get`, at most
     `budget` bytes ahead (one tensor at least), so reading the files overlaps writing the
     chunks. `get` must ask for them in `order`'s order; the tensor it returns is valid until
-    the next `get`.
+    the next `get`. Memory: what is read ahead, the tensor lent, and up to `budget` bytes
+    of buffers kept for reuse (a tensor larger than `budget` gets a buffer of its own, freed
+    after use).
 
     NOTE: the bytes are read with `os.preadv` (which releases the GIL) at the offsets of the
     headers safetensors checked, into buffers this object reuses: a fresh tensor per read
@@ -320,6 +327,10 @@ class Prefetch:
             if self.lent is not None:  # the caller is done with the last value
                 self.free.append(self.lent)
                 self.lent = None
+                # Keep at most `budget` bytes for reuse: the largest go first.
+                self.free.sort(key=torch.Tensor.numel)
+                while sum(b.numel() for b in self.free) > self.budget:
+                    self.free.pop()
             self.cond.wait_for(lambda: self.ready)
             got, value = self.ready.popleft()
             _, entry = self.pending.popleft()

@@ -180,7 +180,8 @@ def test_buffers_the_files_lack_come_from_the_model_or_are_named(tmp_path):
     assert torch.equal(model.inv_freq, ref.inv_freq)
     assert torch.equal(model.state_dict()["proj.weight"], ref.proj.weight)
     meta = _meta(Rotary)
-    with pytest.raises(ValueError, match=r"module 'the model itself' \(Rotary\) has buffer\(s\) \['inv_freq'\]"):
+    with pytest.raises(ValueError, match=r"module 'the model itself' \(Rotary\) has "
+                                         r"buffer\(s\) \['inv_freq'\]"):
         hm.wrap(meta, device="cpu", weights=path)
     assert _all_meta(meta)
 
