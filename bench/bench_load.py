@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from heteromem.memory.nvme import staging_bytes
 from heteromem.runtime.wrap import DEFAULT_CHUNK_ELEMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +185,7 @@ def _case_kwargs(case: str, params: int, largest: int, scratch: Path) -> dict:
         # The default chunk: at least the largest parameter (the embedding), else an eighth
         # of the model up to 64 MiB of bf16.
         chunk = max(largest, min(DEFAULT_CHUNK_ELEMS, -(-params // 8)))
-        staging = 2 * 3 * chunk * 4
+        staging = staging_bytes(chunk, 2)
         return dict(host_memory=params * 2 + staging + 8 * 2**20, nvme_dir=str(nvme),
                     nvme_staging=staging)
     raise ValueError(f"unknown case {case!r}; use lora or full-nvme")
