@@ -14,9 +14,12 @@ from heteromem.runtime.checkpoint import (CheckpointError, export_safetensors, l
 from heteromem.planner import Plan, plan
 from heteromem.runtime.report import Report, report
 from heteromem.runtime.wrap import wrap
+from heteromem.runtime.unwrap import unwrap
+from heteromem.runtime.checkpoint.pretrained import export_pretrained
+from heteromem.integrations.pretrained import from_pretrained
 
 __all__ = ["BuildInfo", "CheckpointError", "DistributedError", "HeteromemError", "HeteromemWarning",
            "IllegalTransition", "NotWrappedError", "OutOfMemory", "Plan", "Report",
            "StepInBackwardError", "StorageError", "UpdateError", "__version__", "build_info",
-           "export_safetensors", "load_checkpoint", "ops", "plan", "report", "save_checkpoint",
-           "wait_checkpoint", "wrap"]
+           "export_pretrained", "export_safetensors", "from_pretrained", "load_checkpoint", "ops",
+           "plan", "report", "save_checkpoint", "unwrap", "wait_checkpoint", "wrap"]

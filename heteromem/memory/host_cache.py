@@ -222,6 +222,16 @@ class HostCache:
                 if chunk.host is None:
                     self.chunks.pop(id(chunk), None)
 
+    def drop_all(self) -> None:
+        """Lets every buffer go (the model is being unwrapped: values were read out)."""
+        with self._lock:
+            for chunk in list(self.chunks.values()):
+                chunk.host, chunk.acc, chunk.host_read = None, None, None
+            self.chunks.clear()
+            self._raw.clear()
+            self._free.clear()
+            self.used = 0
+
     def close(self) -> None:
         """Gives the cache's room back to the host tier (it holds no chunk any more)."""
         assert not self.chunks, "the host cache still holds chunks"

@@ -2,10 +2,11 @@
 wrap fails part-way.
 
 `fill_chunks` goes through the chunks in order; for each parameter slot it asks a *source* for
-the parameter's values and writes them into the chunk's host buffers (the fp32 master of a
-trainable chunk and the compute-dtype copy), then moves on. The source decides where values
-come from (the live parameter tensor, an init function, a safetensors file); the chunk's
-buffers decide where they go. One slot's values are in flight at a time.
+the parameter's values and writes them into the chunk's home: its host buffers (the fp32
+master of a trainable chunk and the compute-dtype copy), or, for a chunk the host plan put on
+NVMe, a staging slot laid out as its image, written to disk once the chunk is full. The source
+decides where values come from (the live parameter tensor, an init function, a safetensors
+file); the chunk's buffers decide where they go. One slot's values are in flight at a time.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def live_values(slot: ParamSlot) -> torch.Tensor:
 
 def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier,
                 nvme: NvmeTier | None, plan: HostPlan, source: Source = live_values) -> None:
-    """Writes every slot's values from `source` into its chunk, chunk by chunk in order: into
-    host buffers for the chunks the plan keeps on the host (reserving what the plan gave
-    them), into an image on the NVMe tier (through a staging slot) for the others. One
-    chunk's values are in host memory at a time besides the host-resident chunks."""
+    """Writes every slot's values from `source` into its chunk, chunk by chunk and slot by slot
+    in order: into host buffers for the chunks the plan keeps on the host (reserving what the
+    plan gave them), into an image on the NVMe tier (through a staging slot) for the others.
+    One chunk's values are in host memory at a time besides the host-resident chunks.
+    `source(slot)` is called exactly once per slot, in that order."""
     advice = "raise host_memory" + ("" if nvme is not None else
                                     ", or set nvme_dir so chunks that do not fit go to NVMe")
     if plan.staging_bytes:
@@ -45,16 +47,26 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
                           advice=advice)
     for chunk in chunks:
         if id(chunk) in plan.on_nvme:
-            _fill_image(chunk, dtype, nvme, source)
+            with nvme.staging_lock:
+                views = nvme.staging_views(chunk)
+                _write_values(chunk, source, views["params"],
+                              views.get("master", views["params"]) if chunk.trainable else None)
+                nvme.place_staged(chunk)
             continue
         host_tier.reserve(plan.resident_bytes[id(chunk)], f"chunk {chunk.index} (parameters, "
                           "optimizer states, gradient accumulation)", advice=advice)
         chunk.acc_planned = chunk.trainable and chunk.world == 1
-        chunk.host = torch.zeros(chunk.host_len, dtype=dtype, pin_memory=pin)
+        # NOTE: empty, not zeros: every slot is written below and `zero_gaps` clears the rest,
+        # so each page is written once (a memset first would double the work of a load).
+        chunk.host = torch.empty(chunk.host_len, dtype=dtype, pin_memory=pin)
+        zero_gaps(chunk.host, chunk)
         master = None
         if chunk.trainable:
-            master = (chunk.host if dtype == torch.float32 else
-                      torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin))
+            if dtype == torch.float32:
+                master = chunk.host
+            else:
+                master = torch.empty(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+                zero_gaps(master, chunk)
         _write_values(chunk, source, chunk.host, master)
         if chunk.trainable:
             chunk.master = master
@@ -62,28 +74,40 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
             chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
 
 
-def _fill_image(chunk: Chunk, dtype: torch.dtype, nvme: NvmeTier, source: Source) -> None:
-    """An NVMe chunk: its values go into a staging slot laid out as its image, then to disk."""
-    with nvme.staging_lock:
-        views = nvme.staging_views(chunk)
-        _write_values(chunk, source, views["params"],
-                      views.get("master", views["params"]) if chunk.trainable else None)
-        nvme.place_staged(chunk)
-
-
 def _write_values(chunk: Chunk, source: Source, params: torch.Tensor,
                   master: torch.Tensor | None) -> None:
     """Each slot's values into `params` (compute dtype) and, trainable, the fp32 `master`
     (rounded into `params` from it, so the two agree as after an optimizer step)."""
     with torch.no_grad():
-        for slot, mine, theirs in sharding.owned_ranges(chunk):
-            data = source(slot).reshape(-1)[theirs]
-            if master is not None and master is not params:
-                master[mine].copy_(data)
-                params[mine].copy_(master[mine])
-            else:
-                params[mine].copy_(data)
+        for slot in chunk.slots:
+            # NOTE: every slot is asked, also those another rank owns (sharded), so a
+            # source that makes values in order (init) never has to hold any back.
+            data = source(slot)
+            part = sharding.owned_part(chunk, slot)
+            if part is not None:
+                mine, theirs = part
+                data = data.reshape(-1)[theirs]
+                if master is not None and master is not params:
+                    master[mine].copy_(data)
+                    params[mine].copy_(master[mine])
+                else:
+                    params[mine].copy_(data)
             del data  # the next slot's values may be large: drop these first
+
+
+def zero_gaps(buffer: torch.Tensor, chunk: Chunk) -> None:
+    """Zeroes the elements of a chunk's host-side buffer (this rank's part of the chunk)
+    that no slot covers: alignment padding and the unused tail."""
+    lo, n = chunk.shard_lo, chunk.host_len
+    done = 0
+    for slot in sorted(chunk.slots, key=lambda s: s.offset):
+        start = min(max(slot.offset - lo, 0), n)
+        stop = min(max(slot.offset + slot.numel - lo, 0), n)
+        if start > done:
+            buffer[done:start].zero_()
+        done = max(done, stop)
+    if done < n:
+        buffer[done:n].zero_()
 
 
 def move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, tier: Tier) -> int:
@@ -100,6 +124,17 @@ def move_buffers(model: torch.nn.Module, dev: torch.device, dtype: torch.dtype, 
     return total
 
 
+def to_materialized(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Makes `param` (the same object) hold `value`, whether or not either is on the meta
+    device: `.data` cannot move a tensor between meta and real storage, `swap_tensors` can."""
+    if param.is_meta == value.is_meta:
+        param.data = value
+        return
+    new = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+    new.__dict__.update(param.__dict__)  # swap_tensors swaps attributes too: keep param's
+    torch.utils.swap_tensors(param, new)
+
+
 class Undo:
     """Puts a model back as it was before a wrap that failed part-way."""
 
@@ -110,7 +145,7 @@ class Undo:
 
     def __call__(self) -> None:
         for param, data in self.params:
-            param.data = data
+            to_materialized(param, data)
             if hasattr(param, "_heteromem_slot"):
                 del param._heteromem_slot
         for module, buffers in self.buffers:

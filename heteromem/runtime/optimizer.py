@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import heteromem.ops as hm_ops
-from heteromem.errors import UpdateError, storage_error
+from heteromem.errors import NotWrappedError, UpdateError, storage_error
 from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
 from heteromem.memory.manager import ChunkManager
 from heteromem.runtime.backward_step import StepInBackward
@@ -103,6 +103,13 @@ class HeteroAdam(torch.optim.Optimizer):
         # loss scaling needed it; None otherwise.
         self.last_grad_norm: float | None = None
         self.skipped_steps = 0
+        # Why this optimizer can no longer be used (its model was unwrapped), or None.
+        self.released: str | None = None
+
+    def _check_usable(self, what: str) -> None:
+        if self.released is not None:
+            raise NotWrappedError(f"opt.{what}: {self.released}; this optimizer's state is gone. "
+                                  "Wrap the model again for a new one")
 
     # ------------------------------------------------------------------ user API
 
@@ -116,6 +123,7 @@ class HeteroAdam(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discards gradients gathered since the last step (parameters keep no `.grad`)."""
+        self._check_usable("zero_grad()")
         if self.in_backward is not None:
             self.in_backward.before_zero_grad()
         self.manager.grads_home()
@@ -126,6 +134,7 @@ class HeteroAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_usable("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():

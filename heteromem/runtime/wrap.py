@@ -27,7 +27,8 @@ from heteromem.memory.sizes import parse_size
 from heteromem.memory.tiers import Tier
 from heteromem.runtime.hooks import Hooks
 from heteromem.runtime.hyperparams import check_adam_group
-from heteromem.runtime.materialize import Undo, fill_chunks, move_buffers
+from heteromem.runtime.construct import materializer
+from heteromem.runtime.materialize import Undo, fill_chunks, live_values, move_buffers
 from heteromem.runtime.optimizer import HeteroAdam
 from heteromem.runtime.report import Report, TierReport
 from heteromem.runtime.scaler import LossScaler
@@ -122,9 +123,12 @@ class WrapState:
     """What `hm.wrap` attaches to the model (as `model._heteromem`)."""
 
     def __init__(self, manager: ChunkManager, hooks: Hooks, optimizer: HeteroAdam | None,
-                 slots: list[ParamSlot], buffer_bytes: int, comm: ShardGroup | None = None) -> None:
+                 slots: list[ParamSlot], buffer_bytes: int, comm: ShardGroup | None = None,
+                 buffer_dtypes: list | None = None) -> None:
         self.manager, self.hooks, self.optimizer, self.slots = manager, hooks, optimizer, slots
         self.buffer_bytes = buffer_bytes
+        # (module, buffer name, dtype before wrapping): `hm.unwrap` gives the dtypes back.
+        self.buffer_dtypes = buffer_dtypes or []
         self.comm = comm  # sharded over ranks when set
 
     def synchronize(self) -> None:
@@ -214,7 +218,8 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          host_memory: object = None, nvme_dir: object = None, chunk_mb: float | None = None,
          keep_on_device: Iterable[str] = (), max_grad_norm: float | None = None,
          nvme_staging: object = None, process_group: object = None,
-         step_in_backward: bool = False, **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
+         step_in_backward: bool = False, init: object = None, weights: object = None,
+         **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
     """Wraps `model` so its training state lives in chunks paged between device and host.
 
     Returns the same module (hooks installed, parameters now views into chunks while in use)
@@ -232,6 +237,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     When torch.distributed is initialised with more than one rank (or `process_group` is
     given), every chunk is sharded over the ranks (ZeRO-3 style, see docs/distributed.md):
     call `hm.wrap` on every rank with the same model and arguments; budgets are per rank.
+
+    A model built on the meta device (`with torch.device("meta"):`) is materialised chunk by
+    chunk, never whole: by `init(module)` (called per module in `model.apply` order; default:
+    each module's `reset_parameters()`, or a transformers model's own init), or from
+    `weights`, a `.safetensors` file or a folder of them with transformers'
+    `model.safetensors.index.json` (docs/wrap.md, "Models built on the meta device").
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hm.wrap: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -262,9 +273,6 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
     named = list(model.named_parameters())
     for name, p in named:
-        if p.is_meta:
-            raise ValueError(f"hm.wrap: parameter {name!r} is on the meta device; materialise the "
-                             "model (e.g. to_empty() and load weights) before wrapping")
         if getattr(p, "_heteromem_slot", None) is not None:
             raise ValueError(f"hm.wrap: parameter {name!r} belongs to another wrapped model; "
                              "parameters cannot be shared between wrapped models")
@@ -272,6 +280,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             raise ValueError(f"hm.wrap: parameter {name!r} has dtype {p.dtype}; only floating-point "
                              "parameters can be wrapped")
     groups, adamw = _param_groups(model, optimizer, dict(adam_kwargs))
+    # Checks init/weights (every file header against the model) before anything changes.
+    source = materializer(model, init, weights)
+    if source is not None:
+        named = source.pack_order(named)
     group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
 
     elem = torch.empty((), dtype=dtype).element_size()
@@ -332,7 +344,8 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     undo = Undo(model, slots)
     nvme = None
     try:
-        buffer_bytes = move_buffers(model, dev, dtype, device_tier)
+        if source is not None:
+            source.prepare(chunks)
         if plan.on_nvme:
             # Sharded steps commit only once every rank has written: a spare per chunk.
             nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, dtype, staging_slots,
@@ -341,7 +354,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             undo.nvme = nvme
             nvme.plan(trainable_images, frozen_images)
         fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
-                    plan=plan)
+                    plan=plan, source=live_values if source is None else source.values)
+        if source is not None:
+            source.finish()  # buffers: they are made after the parameters
+        buffer_dtypes = [(m, n, b.dtype) for m in model.modules() for n, b in m._buffers.items()
+                         if b is not None]
+        buffer_bytes = move_buffers(model, dev, dtype, device_tier)
         if comm is None:
             manager = ChunkManager(chunks, dev, device_tier, host_tier, slab_bytes)
         else:
@@ -361,6 +379,9 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     except BaseException:
         undo()
         raise
+    finally:
+        if source is not None:
+            source.close()
     hooks = Hooks(manager, model, slots_by_module, slot_of)
     trainable = [s for s in slots if s.trainable]
     opt = None
@@ -376,7 +397,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         index_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         for s in trainable:
             s.group = index_of.get(id(s.param), -1)
-    state = WrapState(manager, hooks, opt, slots, buffer_bytes, comm)
+    state = WrapState(manager, hooks, opt, slots, buffer_bytes, comm, buffer_dtypes)
     hooks.on_first_use_order = state.first_iteration_done
     model._heteromem = state
     install_state_dict_methods(model, state)

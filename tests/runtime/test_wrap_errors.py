@@ -196,13 +196,6 @@ def test_wrapping_twice_is_refused():
         hm.wrap(model, device="cpu")
 
 
-def test_meta_parameters_are_refused():
-    with torch.device("meta"):
-        model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="meta"):
-        hm.wrap(model, device="cpu")
-
-
 def test_parameters_shared_with_another_wrapped_model_are_refused():
     first = _gpt()
     second = nn.Sequential(nn.Linear(32, 32))

@@ -67,15 +67,21 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
         if reason is not None:
             raise ValueError(f"export_safetensors: {reason}")
     if path is None:  # a rank other than 0: take part in the gathers, write nothing
-        _stream(state, _entries(model), None)
+        stream(state, _entries(model), None)
         return
     state.synchronize()  # an optimizer update in flight would change masters while we read
-    entries = _entries(model)
+    write_file(path, state, _entries(model), meta, "export_safetensors")
+    fsync_dir(os.path.dirname(path))
+
+
+def header_for(entries: OrderedDict, meta: dict[str, str], what: str) -> tuple[bytes, int]:
+    """The encoded safetensors header (length prefix excluded, padded) of `entries` in their
+    order, and the data section's size."""
     header: dict[str, object] = {"__metadata__": meta}
     end = 0
     for name, (dtype, shape, _) in entries.items():
         if dtype not in _DTYPES:
-            raise TypeError(f"export_safetensors: {name!r} has dtype {dtype}, which safetensors "
+            raise TypeError(f"{what}: {name!r} has dtype {dtype}, which safetensors "
                             f"cannot store; supported: {sorted(_DTYPES.values())}")
         nbytes = shape.numel() * dtype.itemsize
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
@@ -83,13 +89,19 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
         end += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
+    return encoded, end
 
+
+def write_file(path: str, state, entries: OrderedDict, meta: dict[str, str], what: str) -> int:
+    """Writes `entries` as one safetensors file at `path`: next to it, fsynced, then renamed,
+    so `path` only ever holds a complete file. Returns the data bytes."""
+    encoded, end = header_for(entries, meta, what)
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "xb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
-            written = _stream(state, entries, f)
+            written = stream(state, entries, f)
             assert written == end
             f.flush()
             os.fsync(f.fileno())
@@ -98,12 +110,13 @@ def export_safetensors(path: str | os.PathLike, model: torch.nn.Module, *,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fsync_dir(os.path.dirname(path))
+    return end
 
 
-def _stream(state, entries: OrderedDict, f) -> int:
+def stream(state, entries: OrderedDict, f) -> int:
     """Writes every entry's bytes to `f` in order (None: only take part in the gathers);
-    returns the bytes written."""
+    returns the bytes written. An entry's source is a tensor, a slot (read from its chunk) or
+    a callable giving the tensor (called on every rank: it may gather)."""
     masters = _Masters(state.manager)
     written = 0
     for name, (dtype, shape, source) in entries.items():
@@ -111,13 +124,17 @@ def _stream(state, entries: OrderedDict, f) -> int:
             if f is None:
                 continue
             value = source.detach().to("cpu", dtype)
+        elif callable(source):
+            value = source().to("cpu", dtype)
+            if f is None:
+                continue
         else:  # a slot: read from the chunk now, in order, so NVMe reads stay once each
             value = masters.get(source.chunk)[source.range].to("cpu", dtype)
             if f is None:
                 continue
         data = value.contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != shape.numel() * dtype.itemsize:
-            raise AssertionError(f"export_safetensors: {name!r} has {data.numel()} "
+            raise AssertionError(f"export: {name!r} has {data.numel()} "
                                  f"bytes, its header entry says otherwise")
         f.write(data.numpy())
         written += data.numel()
@@ -150,7 +167,7 @@ def _check_metadata(metadata: object) -> dict[str, str]:
     return metadata
 
 
-def _entries(model: torch.nn.Module) -> OrderedDict[str, tuple]:
+def _entries(model: torch.nn.Module, what: str = "export_safetensors") -> OrderedDict[str, tuple]:
     """name -> (dtype, shape, slot or tensor), in write order: parameters grouped by chunk
     (in chunk and offset order), then buffers; each tied parameter under its first name."""
     slots = _slot_names(model)
@@ -167,7 +184,7 @@ def _entries(model: torch.nn.Module) -> OrderedDict[str, tuple]:
         elif isinstance(value, torch.Tensor):
             rest.append((name, (value.dtype, value.shape, value)))
         else:
-            raise TypeError(f"export_safetensors: state-dict entry {name!r} is a "
+            raise TypeError(f"{what}: state-dict entry {name!r} is a "
                             f"{type(value).__name__}, not a tensor (extra state?); safetensors "
                             "holds tensors only")
     params.sort(key=lambda kv: (kv[1].chunk.index, kv[1].offset))
