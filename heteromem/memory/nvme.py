@@ -41,6 +41,8 @@ from heteromem.memory.tiers import Tier
 
 ALIGN = 4096
 STATES = 3  # master (or the fp32 parameters), exp_avg, exp_avg_sq
+MOMENTS = ("exp_avg", "exp_avg_sq")
+ZERO_BLOCK = 8 << 20  # zeros written from a buffer this large when a chunk is placed
 DEFAULT_STAGING_SLOTS = 4
 MIN_STAGING_SLOTS = 2  # one updating while the next is read
 FP32 = torch.float32
@@ -216,6 +218,7 @@ class NvmeTier:
         # both step chunks; loads and stores hold slot 0 between them only when quiet).
         self.staging_lock = threading.RLock()
         self._pools: dict[str, SlotPool] = {}
+        self._zero_block: torch.Tensor | None = None
         self.bytes_read = 0
         self.bytes_written = 0
         self.wait_seconds = 0.0
@@ -259,26 +262,50 @@ class NvmeTier:
         return self.pool("trainable" if chunk.trainable else "frozen")
 
     def staging_views(self, chunk: Chunk) -> dict[str, torch.Tensor]:
-        """Staging slot 0 laid out as the chunk's image, zeroed, to be filled and then written
-        by `place_staged` (hold `staging_lock` across both)."""
+        """Staging slot 0 laid out as the chunk's values (params and, trainable, the master),
+        to be filled, gaps included, and then written by `place_staged` (hold `staging_lock`
+        across both). The moments are not staged: they start as zeros."""
         self.reserve_staging()
         layout = self.layouts[chunk.trainable]
         staging = self.slots[0]
-        staging.image(layout).zero_()
-        return {name: staging.view(name, chunk.host_len, layout) for name in layout.regions}
+        return {name: staging.view(name, chunk.host_len, layout) for name in layout.regions
+                if name not in MOMENTS}
 
     def place_staged(self, chunk: Chunk) -> None:
-        """Gives `chunk` an image holding what `staging_views` returned."""
+        """Gives `chunk` an image holding what `staging_views` returned, and zero moments
+        (written from one small zeroed buffer: a wrap touches only the values' pages)."""
         layout = self.layouts[chunk.trainable]
         staging = self.slots[0]
         pool = self._pool_of(chunk)
         slot = pool.take()
+        base = pool.offset(slot)
+        tickets = []
         try:
-            self._wait(self._submit(pool, slot, staging.image(layout), write=True))
+            for name, (offset, dtype) in layout.regions.items():
+                nbytes = aligned(self.capacity * dtype.itemsize)
+                if name not in MOMENTS:
+                    tickets.append(self.engine.submit_write(
+                        pool.file, base + offset, staging.buffer[offset:offset + nbytes]))
+                    continue
+                zeros = self._zeros()
+                for at in range(0, nbytes, zeros.numel()):
+                    n = min(zeros.numel(), nbytes - at)
+                    tickets.append(self.engine.submit_write(pool.file, base + offset + at,
+                                                            zeros[:n]))
+            self.bytes_written += layout.nbytes
+            for ticket in tickets:
+                self._wait(ticket)
         except BaseException:
+            for ticket in tickets:
+                self._drain(ticket)
             pool.give(slot)
             raise
         chunk.nvme = NvmeImage(pool, slot, layout)
+
+    def _zeros(self) -> torch.Tensor:
+        if self._zero_block is None:
+            self._zero_block = aligned_empty(ZERO_BLOCK).zero_()
+        return self._zero_block
 
     def drop(self, chunk: Chunk) -> None:
         """The chunk's image is no longer needed (its state moved elsewhere)."""

@@ -49,6 +49,8 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
         if id(chunk) in plan.on_nvme:
             with nvme.staging_lock:
                 views = nvme.staging_views(chunk)
+                for view in views.values():
+                    zero_gaps(view, chunk)
                 _write_values(chunk, source, views["params"],
                               views.get("master", views["params"]) if chunk.trainable else None)
                 nvme.place_staged(chunk)

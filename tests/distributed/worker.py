@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -168,4 +169,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:  # noqa: BLE001
+        # NOTE: exit 1 with the traceback, without torch's teardown of gloo groups that may
+        # still talk to a peer that is gone, which can abort instead (pytorch/pytorch#190489;
+        # seen under load when every rank refused a load).
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
