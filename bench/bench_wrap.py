@@ -12,6 +12,11 @@ of (i) at >= 16k tokens per step. The CPU Adam costs the same per step at any to
 the 32k group shows how much of the gap is that fixed cost.
 Group `wrap-cpu`: the same comparison at a small size on the CPU "device" tier (copies are
 memcpy), both in fp32, to show the paging overhead where no GPU exists.
+Clipping variants (both groups): `wrapped-clip` clips after backward; `wrapped-step-in-
+backward-clip` updates during backward speculatively and redoes when clipping fires; on the
+CPU group also with a max_grad_norm that always fires and one that never does, recording the
+redo rate and the seconds per step spent putting updates back (extra_info), so a GPU run can
+be read against them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from conftest import quick_mode
 
 
 VARIANTS = ["plain", "wrapped", "wrapped-step-in-backward"]
+# Clipping, as fine-tuning does: after backward, and during backward speculatively (redone when
+# clipping fires; both ways measured: a tiny max_grad_norm fires every step, a huge one never).
+CLIP_VARIANTS = {"wrapped-clip": (False, 1.0), "wrapped-step-in-backward-clip": (True, 1.0),
+                 "wrapped-step-in-backward-clip-fires": (True, 1e-3),
+                 "wrapped-step-in-backward-clip-idle": (True, 1e6)}
 
 
 def _config(device: str, tokens_k: int = 16) -> tuple[GPTConfig, int]:
@@ -92,9 +102,11 @@ def _run(benchmark, device: str, variant: str, tokens_k: int = 16) -> None:
         # least 4 of them: the tied embedding stays pinned through backward).
         chunk_bytes = int(max(p.numel() for p in base.parameters()) * dtype.itemsize * 1.01)
         budget = max(n_params * dtype.itemsize // 3, 4 * chunk_bytes)
+        in_backward, clip = CLIP_VARIANTS.get(
+            variant, (variant == "wrapped-step-in-backward", None))
         model, opt = hm.wrap(copy.deepcopy(base), lr=1e-4, device=device, dtype=dtype,
                              device_memory=budget, chunk_mb=chunk_bytes / 2**20,
-                             step_in_backward=variant == "wrapped-step-in-backward")
+                             step_in_backward=in_backward, max_grad_norm=clip)
         step = _step_fn(model, opt, batch, autocast=False, device=device, losses=losses)
     rounds = 3 if quick_mode() else 10
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
@@ -109,10 +121,18 @@ def _run(benchmark, device: str, variant: str, tokens_k: int = 16) -> None:
         benchmark.extra_info["chunks_updated_in_backward"] = opt.in_backward.chunks_updated
         if len(losses) > 1:  # the first step has no expectation: it updates in opt.step()
             assert opt.in_backward.chunks_updated > 0
+        report = hm.report(model)
+        if report.speculative_updates:
+            steps = len(losses)
+            benchmark.extra_info.update(
+                speculative_updates=report.speculative_updates,
+                updates_redone=report.updates_redone,
+                redo_rate=report.updates_redone / report.speculative_updates,
+                redo_seconds_per_step=report.redo_seconds / steps)
     _check_trained(model, opt, variant, losses)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + list(CLIP_VARIANTS))
 def test_wrap_cpu(benchmark, variant):
     benchmark.group = "wrap-cpu"
     _run(benchmark, "cpu", variant)
@@ -120,7 +140,7 @@ def test_wrap_cpu(benchmark, variant):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens_k", [16, 32])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ["wrapped-clip", "wrapped-step-in-backward-clip"])
 def test_wrap_cuda(benchmark, variant, tokens_k):
     benchmark.group = f"wrap-cuda-{tokens_k}k-tokens"
     _run(benchmark, "cuda", variant, tokens_k)

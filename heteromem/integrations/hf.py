@@ -105,19 +105,10 @@ class HeteromemTrainer(Trainer):
                              f"Trainer computes on {wanted}; pass hm.wrap(device=...) the same "
                              "device (for device='cpu', TrainingArguments(use_cpu=True))")
         clip = args.max_grad_norm
-        if opt.in_backward is not None:
-            # hm.wrap(step_in_backward=True): every backward pass is a whole step.
-            if args.gradient_accumulation_steps != 1:
-                raise ValueError(
-                    "HeteromemTrainer: the model was wrapped with step_in_backward=True, where "
-                    "every backward pass is an optimizer step, but TrainingArguments("
-                    f"gradient_accumulation_steps={args.gradient_accumulation_steps}); set it "
-                    "to 1, or wrap with step_in_backward=False")
-            if clip is not None and clip > 0:
-                raise ValueError(
-                    "HeteromemTrainer: the model was wrapped with step_in_backward=True, which "
-                    f"cannot clip, but TrainingArguments(max_grad_norm={clip}); set "
-                    "max_grad_norm=0, or wrap with step_in_backward=False")
+        # hm.wrap(step_in_backward=True) works with clipping (updates during backward are
+        # checked against the norm and redone when it clips) and with gradient accumulation
+        # (updates begin in the last micro-batch of each step, as Trainer's steps all have the
+        # same number of micro-batches).
         if clip is not None and clip > 0:
             if opt.max_grad_norm is None:
                 opt.max_grad_norm = float(clip)

@@ -528,9 +528,13 @@ class ChunkManager:
     def grads_home(self) -> None:
         """Waits for every gradient copy to the host (before norms and updates)."""
         for chunk in self.chunks:
-            if chunk.d2h_event is not None:
-                self.copies.wait_for_host_use(chunk.d2h_event)
-                chunk.d2h_event = None
+            self.grads_home_of(chunk)
+
+    def grads_home_of(self, chunk: Chunk) -> None:
+        """Waits for the copy of one chunk's gradients to the host."""
+        if chunk.d2h_event is not None:
+            self.copies.wait_for_host_use(chunk.d2h_event)
+            chunk.d2h_event = None
 
     def grad_source(self, chunk: Chunk) -> torch.Tensor | None:
         """The buffer holding this chunk's gradients for the optimizer, or None."""

@@ -51,19 +51,20 @@ class StepInBackward:
     # ------------------------------------------------------------------ hooks
 
     def before_forward(self) -> None:
-        """A forward with autograd on: refused once this step has gradients."""
-        if self._received and self._open_passes > 0:
+        """A forward with autograd on: refused once updates of this step have begun (before
+        that, it is the next micro-batch of gradient accumulation)."""
+        if self._updated and self._open_passes > 0:
             raise StepInBackwardError(
                 "heteromem: the last backward pass failed after its optimizer updates had begun "
                 "(step_in_backward=True); call opt.zero_grad() to drop the rest of that step "
                 "before the next forward")
-        if self._received:
+        if self._updated:
             raise StepInBackwardError(
-                "heteromem: a new forward with gradients enabled started before opt.step(), "
-                "but the model was wrapped with step_in_backward=True, where every backward "
-                "pass is a whole optimizer step: call opt.step() after each backward, or wrap "
-                "with step_in_backward=False to accumulate gradients over several passes "
-                "(run evaluation forwards under torch.no_grad())")
+                "heteromem: a new forward with gradients enabled started after this step's "
+                "updates had begun (step_in_backward=True). Updates begin when a chunk has as "
+                "many gradients as in the step before, so gradient accumulation needs the same "
+                "number of micro-batches every step; call opt.step() now, or wrap with "
+                "step_in_backward=False (run evaluation forwards under torch.no_grad())")
 
     def pass_started(self) -> None:
         self._open_passes += 1
@@ -97,14 +98,16 @@ class StepInBackward:
         self._remaining[id(chunk)] = left - 1
         if left == 1:
             del self._remaining[id(chunk)]
-            self.optimizer.update_during_backward(chunk)
-            self._updated.add(id(chunk))
-            self.chunks_updated += 1
+            if self.optimizer.update_during_backward(chunk):
+                self._updated.add(id(chunk))
+                self.chunks_updated += 1
 
     # ------------------------------------------------------------------ optimizer
 
     def before_zero_grad(self) -> None:
         aborted = self._broken or self._open_passes > 0
+        if self._updated and not aborted and self.optimizer.undo_speculation():
+            self._updated = set()  # speculative: put back, so the step can be dropped
         if self._updated and not aborted:
             raise StepInBackwardError(
                 f"heteromem: opt.zero_grad() was called after {len(self._updated)} chunk(s) "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from heteromem.memory.manager import ChunkManager
 from heteromem.runtime.backward_step import StepInBackward
 from heteromem.runtime.hyperparams import check_param_groups
 from heteromem.runtime.scaler import LossScaler
+from heteromem.runtime.speculation import Snapshot, Speculation, put_back, take
 from heteromem.runtime.update_queue import UpdateQueue
 
 
@@ -88,8 +90,10 @@ class HeteroAdam(torch.optim.Optimizer):
         self.scaler = scaler
         self._grads_scaled_by = 1.0
         self._worker = UpdateQueue()
-        # Set when every backward pass is a step: updates then start during backward.
+        # Set when every backward pass is a step: updates then start during backward
+        # (speculatively, when clipping or loss scaling needs the norm first).
         self.in_backward = StepInBackward(self) if step_in_backward else None
+        self._speculation = Speculation(manager.host_tier) if step_in_backward else None
         self._order: dict[int, int] = {}  # chunk index -> place in the forward order
         # id(chunk) -> how its update in flight was started (see `_update_failed`).
         self._launched: dict[int, _Launch] = {}
@@ -158,7 +162,14 @@ class HeteroAdam(torch.optim.Optimizer):
             # settled when it began, and the parts it did update must not count twice.
             grad_scale = self._retry_scale
         else:
-            grad_scale = self._grad_scale(chunks, sources)
+            speculated = self._speculated_chunks()
+            grad_scale = self._grad_scale(chunks, sources, speculated)
+            if speculated:
+                # Updated during backward before the norm was known: right as they are, or
+                # put back and taken again below (clipped), or undone (fp16 overflow).
+                reason = ("overflow" if grad_scale is None else
+                          "clip" if grad_scale != self._unclipped_scale() else None)
+                self._settle_speculation(speculated, reason, chunks, sources)
             if grad_scale is None:  # fp16 overflow: the step is skipped
                 return loss
             self._scale_was_good = self.scaler is not None
@@ -204,17 +215,24 @@ class HeteroAdam(torch.optim.Optimizer):
         except (OSError, _RunsFailed) as err:
             self._nvme_failed(err, grad_scale)
 
-    def _grad_scale(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float | None:
+    def _unclipped_scale(self) -> float:
+        """What gradients are divided by before clipping: the loss scale and, sharded, the
+        number of ranks summed (the update uses their mean)."""
+        return self._grads_scaled_by * self.manager.grad_divisor
+
+    def _grad_scale(self, chunks: list[Chunk], sources: dict[int, torch.Tensor],
+                    speculated: list[Chunk] = ()) -> float | None:
         """What this step divides the gradients by (loss scale, ranks, clipping); None when
-        fp16 loss scaling found an overflow, in which case the step is skipped here."""
-        manager = self.manager
+        fp16 loss scaling found an overflow, in which case the step is skipped here (the
+        caller undoes speculative updates). `speculated`: chunks updated during backward,
+        whose squared norms were taken when they started."""
         # The global norm is one more pass over every gradient, on the critical path before
         # the first update: taken only when clipping or loss scaling needs it.
         norm = None
-        # Sharded models sum gradients over ranks; the update uses their mean.
-        divisor = self._grads_scaled_by * manager.grad_divisor
+        divisor = self._unclipped_scale()
         if self.max_grad_norm is not None or self.scaler is not None:
-            norm = self._global_norm(chunks, sources) / divisor
+            taken = self._speculation.sq_norms() if speculated else {}
+            norm = self._global_norm(chunks, sources, taken) / divisor
         self.last_grad_norm = norm
         if self.scaler is not None and not math.isfinite(norm):
             self.scaler.update(True)
@@ -237,16 +255,100 @@ class HeteroAdam(torch.optim.Optimizer):
         self.manager.unfinished_step = None
 
     @torch.no_grad()
-    def update_during_backward(self, chunk: Chunk) -> None:
+    def update_during_backward(self, chunk: Chunk) -> bool:
         """Queues the update of a chunk whose gradients of this step are complete
         (step_in_backward): gradients still on the device are copied home first, and the
-        worker waits for that copy, not the training thread."""
+        worker waits for that copy, not the training thread. With clipping or fp16 loss
+        scaling the update is speculative (speculation.py): its squared norms are taken now,
+        its snapshot first on the worker. Returns whether it was queued (a speculative one
+        is not for a chunk whose state is on the device or NVMe, or whose snapshot does not
+        fit the host budget: opt.step() updates those)."""
         manager = self.manager
+        snapshot = None
+        if self._speculative:
+            if chunk.states_on_device or chunk.nvme is not None:
+                return False
+            sq_norms = self._chunk_sq_norms(chunk)
         manager.send_home(chunk)
         landed, chunk.d2h_event = chunk.d2h_event, None
         source = manager.grad_source(chunk)
+        if self._speculative:
+            snapshot = self._speculation.reserve(chunk, source, sq_norms)
+            if snapshot is None:
+                chunk.d2h_event = landed
+                return False
         runs = self._runs(chunk)
-        self._launch(chunk, source, runs, float(manager.grad_divisor), landed)
+        self._launch(chunk, source, runs, self._unclipped_scale(), landed, snapshot)
+        return True
+
+    @property
+    def _speculative(self) -> bool:
+        return self.in_backward is not None and (
+            self.max_grad_norm is not None or self.scaler is not None)
+
+    def _chunk_sq_norms(self, chunk: Chunk) -> list[torch.Tensor]:
+        """Each of the chunk's gradients' squared norm (fp64 scalars, on whichever tier holds
+        that gradient: no synchronisation here)."""
+        out = []
+        for slot, sl in self.manager.grad_ranges(chunk):
+            if slot.grad_loc == "device":
+                grads = chunk.device_view()
+            elif slot.grad_loc == "acc":
+                grads = chunk.acc
+            else:
+                self.manager.grads_home_of(chunk)
+                grads = chunk.host
+            out.append(torch.linalg.vector_norm(grads[sl], dtype=torch.float32).double() ** 2)
+        return out
+
+    def undo_speculation(self) -> bool:
+        """opt.zero_grad() after speculative updates: they are put back (their gradients
+        dropped next). Returns False when there are none (updates without clipping or loss
+        scaling cannot be taken back)."""
+        if not self._speculative or not self._speculation.snapshots:
+            return False
+        self._settle_speculation(self._speculated_chunks(), "dropped", [], {})
+        return True
+
+    def _speculated_chunks(self) -> list[Chunk]:
+        """The chunks updated speculatively in this step, their updates finished (a failed
+        one raises here, put back)."""
+        if not self._speculative or not self._speculation.snapshots:
+            return []
+        chunks = [c for c in self._chunks() if id(c) in self._speculation.snapshots]
+        for chunk in chunks:
+            self.manager._wait_update(chunk)
+        return chunks
+
+    def _settle_speculation(self, speculated: list[Chunk], reason: str | None,
+                            chunks: list[Chunk], sources: dict) -> None:
+        """Keeps the speculative updates (`reason` None), or puts them back: their states,
+        gradients and step counts as before them. Clipping fired ("clip"): they join `chunks`
+        (with their gradient sources) to be updated again, clipped. fp16 overflow
+        ("overflow"): their gradients go, as the step is skipped. zero_grad() ("dropped"):
+        it drops their gradients next."""
+        spec = self._speculation
+        redone = 0
+        if reason is not None:
+            start = time.perf_counter()
+            for chunk in speculated:
+                snap = spec.snapshots[id(chunk)]
+                put_back(snap, chunk)
+                self._restore_slots(snap.launch, 0)
+                redone += 1
+                if reason == "clip":
+                    sources[id(chunk)] = self.manager.grad_source(chunk)
+                    chunks.append(chunk)
+                elif reason == "overflow":
+                    self._discard(chunk)
+            end = time.perf_counter()
+            self.manager.timeline.stall(start, end, "redo")
+            spec.stats.redo_seconds += end - start
+            if reason == "clip":
+                spec.stats.redone += redone
+            else:
+                spec.stats.undone += redone
+        spec.finish(redone if reason == "clip" else 0)
 
     def _step_done(self) -> None:
         if self.in_backward is not None:
@@ -267,7 +369,7 @@ class HeteroAdam(torch.optim.Optimizer):
             slot.grad_loc, slot.reduced = None, False
 
     def _launch(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
-                landed: object = None) -> None:
+                landed: object = None, snapshot: Snapshot | None = None) -> None:
         """Starts the update of a host- or device-state chunk (not NVMe): its step counts move
         on and its gradients are taken. `landed`: the CUDA event of the copy that brought its
         gradients home, if not yet waited for."""
@@ -294,8 +396,11 @@ class HeteroAdam(torch.optim.Optimizer):
             # NOTE: the worker gets the chunk and tensors, not the optimizer: a model dropped
             # while its updates run is freed as soon as they end.
             self._launched[id(chunk)] = launch
+            if snapshot is not None:
+                snapshot.launch = launch
             chunk.update = self._worker.submit(self._priority(chunk), _update_chunk, chunk,
-                                               source, runs, grad_scale, self.adamw, landed)
+                                               source, runs, grad_scale, self.adamw, landed,
+                                               snapshot)
 
     def _update_failed(self, chunk: Chunk, exc: BaseException) -> None:
         """Called on the training thread by the manager when it finds that the update of
@@ -303,13 +408,36 @@ class HeteroAdam(torch.optim.Optimizer):
         launch = self._launched.pop(id(chunk))
         done = exc.done if isinstance(exc, _RunsFailed) else 0
         cause = exc.cause if isinstance(exc, _RunsFailed) else exc
-        self._roll_back(launch, done)
+        snap = self._speculation.snapshots.pop(id(chunk), None) if self._speculation else None
+        if snap is None:
+            self._roll_back(launch, done)
+            raise self._failure(chunk, cause) from cause
+        # A speculative update: everything goes back as it was before it. The step's scale
+        # is not settled yet (the norm is taken in opt.step()), so a retry takes it anew.
+        if snap.source is not None:
+            put_back(snap, chunk)
+        self._speculation.tier.release(snap.nbytes)
+        self._restore_slots(launch, 0)
+        self.manager.unfinished_step = (
+            "an optimizer update made during the last backward failed (see the error it "
+            "raised): call opt.step() to take the step, or opt.zero_grad() to drop it, "
+            "before the next forward")
         raise self._failure(chunk, cause) from cause
 
     def _roll_back(self, launch: _Launch, done: int) -> None:
         """The first `done` runs of the update were applied, the rest not: parameters in the
         rest get their gradients and step counts back, so `opt.step()` can finish the step
         with the same gradient scale, or `opt.zero_grad()` drop it."""
+        if self._restore_slots(launch, done):
+            self._retry_scale = launch.grad_scale
+            self.manager.unfinished_step = (
+                "the last opt.step() did not finish (see the error it raised): call opt.step() "
+                "to finish it, or opt.zero_grad() to drop its remaining gradients, before the "
+                "next forward")
+
+    def _restore_slots(self, launch: _Launch, done: int) -> bool:
+        """The parameters an update (the runs from `done` on) did not apply get their
+        gradient locations and step counts back; returns whether any did."""
         chunk = launch.chunk
         applied_to = launch.runs[done - 1].end if done > 0 else -1
         source_cleared = []
@@ -328,15 +456,12 @@ class HeteroAdam(torch.optim.Optimizer):
                 if buffer is not None:
                     buffer[sl].zero_()
         host_grads = any(s.grad_loc == "host" for s in chunk.slots)
-        chunk.move_host(HostState.GRADS if host_grads else HostState.PARAMS)
+        target = HostState.GRADS if host_grads else HostState.PARAMS
+        if chunk.host_state is not target:
+            chunk.move_host(target)
         if done > 0 and not chunk.states_on_device:
             chunk.device_stale = True  # the host has new values for the applied part
-        if pending:
-            self._retry_scale = launch.grad_scale
-            self.manager.unfinished_step = (
-                "the last opt.step() did not finish (see the error it raised): call opt.step() "
-                "to finish it, or opt.zero_grad() to drop its remaining gradients, before the "
-                "next forward")
+        return pending
 
     @staticmethod
     def _failure(chunk: Chunk, cause: BaseException) -> UpdateError:
@@ -408,21 +533,31 @@ class HeteroAdam(torch.optim.Optimizer):
             manager.restore_host(chunk)
             chunk.move_host(HostState.PARAMS)
 
-    def _global_norm(self, chunks: list[Chunk], sources: dict[int, torch.Tensor]) -> float:
+    def _global_norm(self, chunks: list[Chunk], sources: dict[int, torch.Tensor],
+                     taken: dict[int, list[torch.Tensor]] | None = None) -> float:
         """sqrt of the sum of squared per-parameter norms, as clip_grad_norm_ computes it;
         summed per device so there is one synchronisation per device, not per parameter
-        (and, sharded, one sum over the ranks of their parts)."""
+        (and, sharded, one sum over the ranks of their parts). `taken`: id(chunk) -> squared
+        norms taken earlier (chunks updated during backward). Summed in chunk and parameter
+        order whatever was taken when, so the norm is the same bits either way."""
+        taken = taken or {}
         squares: dict[torch.device, list[torch.Tensor]] = {}
-        for chunk in chunks:
+        by_index = {c.index: c for c in chunks}
+        by_index.update({c.index: c for c in self._chunks() if id(c) in taken})
+        for index in sorted(by_index):
+            chunk = by_index[index]
+            if id(chunk) in taken:
+                for sq in taken[id(chunk)]:
+                    squares.setdefault(sq.device, []).append(sq)
+                continue
             source = sources.get(id(chunk))
             spilled = chunk.grad_spill.sq_norms if chunk.grad_spill is not None else {}
             for slot, sl in self.manager.grad_ranges(chunk):
                 if slot.grad_loc == "nvme":  # taken when the host cache wrote it out
-                    squares.setdefault("spilled", []).append(
-                        torch.tensor(spilled[id(slot)], dtype=torch.float64))
-                    continue
-                norm = torch.linalg.vector_norm(source[sl], dtype=torch.float32)
-                squares.setdefault(norm.device, []).append(norm.double() ** 2)
+                    sq = torch.tensor(spilled[id(slot)], dtype=torch.float64)
+                else:
+                    sq = torch.linalg.vector_norm(source[sl], dtype=torch.float32).double() ** 2
+                squares.setdefault(sq.device, []).append(sq)
         total = sum(torch.stack(v).sum().item() for v in squares.values())
         return math.sqrt(self.manager.sum_over_ranks(total))
 
@@ -505,13 +640,16 @@ def _finish_chunk(chunk: Chunk, source: torch.Tensor) -> None:
 
 
 def _update_chunk(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
-                  adamw: bool, landed: object = None) -> None:
-    """A host- or device-state chunk's whole update (on the worker for host states)."""
-    if landed is not None:
-        try:
+                  adamw: bool, landed: object = None, snapshot: Snapshot | None = None) -> None:
+    """A host- or device-state chunk's whole update (on the worker for host states); a
+    speculative one keeps its snapshot first."""
+    try:
+        if landed is not None:
             landed.synchronize()
-        except Exception as exc:
-            raise _RunsFailed(0, exc) from exc
+        if snapshot is not None:
+            take(snapshot, chunk, source)
+    except Exception as exc:
+        raise _RunsFailed(0, exc) from exc
     _apply_runs(chunk, source, runs, grad_scale, adamw, chunk.master, chunk.exp_avg,
                 chunk.exp_avg_sq)
     _finish_chunk(chunk, source)

@@ -38,6 +38,13 @@ class Report:
     nvme_chunks: int = 0
     host_cache_hit_rate: float | None = None
     nvme_bytes_per_step: tuple[int, int] | None = None
+    # step_in_backward with clipping or fp16: chunk updates made during backward before the
+    # norm was known, those redone because clipping fired (or undone: fp16 overflow,
+    # zero_grad), and the seconds spent putting them back (over the whole run).
+    speculative_updates: int = 0
+    updates_redone: int = 0
+    updates_undone: int = 0
+    redo_seconds: float = 0.0
     # Per-tier bytes, stalls and phases over the latest iteration (see MemoryTimeline).
     timeline: MemoryTimeline | None = None
     # Sharded over ranks: this rank, how many, and the bytes its collectives sent and
@@ -71,6 +78,10 @@ class Report:
                         f"{format_bytes(self.nvme_bytes_per_step[1])}")
             lines.append(f"nvme: {self.nvme_chunks} chunk(s) there; host cache hit rate {rate}; "
                          f"last step {per_step}")
+        if self.speculative_updates:
+            lines.append(f"updates during backward: {self.speculative_updates} speculative, "
+                         f"{self.updates_redone} redone (clipping fired), {self.updates_undone} "
+                         f"undone; {self.redo_seconds:.3f} s putting them back")
         for key, value in self.details.items():
             lines.append(f"{key}: {format_bytes(value)}")
         return "\n".join(lines)

@@ -200,6 +200,11 @@ class WrapState:
             nvme = dict(nvme_chunks=sum(1 for c in m.chunks if c.nvme is not None),
                         host_cache_hit_rate=m.cache.hit_rate if m.cache is not None else None,
                         nvme_bytes_per_step=m.last_iteration_io)
+        opt = self.optimizer
+        if opt is not None and opt._speculation is not None:
+            stats = opt._speculation.stats
+            nvme.update(speculative_updates=stats.speculated, updates_redone=stats.redone,
+                        updates_undone=stats.undone, redo_seconds=stats.redo_seconds)
         comm = self.comm
         return Report(tiers=tiers, bytes_h2d=m.copies.bytes_h2d, bytes_d2h=m.copies.bytes_d2h,
                       stall_seconds=stall,
@@ -228,11 +233,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     (bytes or a size string) bounds the host buffers that stream states to and from
     `nvme_dir` (default: room for 4 chunks' states; at least 2).
 
-    `step_in_backward=True` declares that every backward pass is followed by `opt.step()`
-    (no gradient accumulation), so each chunk's update starts during backward as soon as its
-    gradients are complete, instead of after the whole backward (docs/wrap.md). Clipping and
-    fp16 loss scaling need every gradient before any update, so they cannot be combined with
-    it, nor can optimizer states on NVMe or sharding over ranks.
+    `step_in_backward=True` declares that every step has the same number of backward passes
+    (micro-batches) before `opt.step()`, so each chunk's update starts during the last one as
+    soon as its gradients are complete, instead of after the whole backward (docs/wrap.md).
+    With clipping or fp16 loss scaling those updates are speculative: checked against the
+    global norm when the backward ends and redone, clipped, when clipping fires (undone on an
+    fp16 overflow). Not with sharding over ranks.
 
     When torch.distributed is initialised with more than one rank (or `process_group` is
     given), every chunk is sharded over the ranks (ZeRO-3 style, see docs/distributed.md):
@@ -262,7 +268,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         raise ValueError("hm.wrap: nvme_staging is given but nvme_dir is not; set nvme_dir too")
     chunk_mb = _check_positive("chunk_mb", chunk_mb)
     max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
-    _check_step_in_backward(step_in_backward, max_grad_norm, dtype)
+    _check_step_in_backward(step_in_backward)
     if isinstance(keep_on_device, str):
         keep_on_device = (keep_on_device,)
     modules = dict(model.named_modules())
@@ -404,21 +410,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     return model, opt
 
 
-def _check_step_in_backward(step_in_backward: object, max_grad_norm: float | None,
-                            dtype: torch.dtype) -> None:
+def _check_step_in_backward(step_in_backward: object) -> None:
     if not isinstance(step_in_backward, bool):
         raise TypeError(f"hm.wrap: step_in_backward must be True or False, got "
                         f"{type(step_in_backward).__name__}")
-    if not step_in_backward:
-        return
-    if max_grad_norm is not None:
-        raise ValueError("hm.wrap: step_in_backward=True cannot clip (max_grad_norm="
-                         f"{max_grad_norm}): clipping needs the norm of every gradient before "
-                         "the first update; drop one of the two")
-    if dtype == torch.float16:
-        raise ValueError("hm.wrap: step_in_backward=True cannot be used with dtype=torch.float16: "
-                         "loss scaling must see every gradient (overflow) before the first "
-                         "update; use torch.bfloat16 or torch.float32")
 
 
 def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunks: int,

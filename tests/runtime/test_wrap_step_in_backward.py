@@ -122,7 +122,7 @@ def test_a_second_backward_before_step_is_refused_and_training_goes_on():
     opt.step()
     model(i2, t2).backward()  # now updates start in backward
     assert _updated_in_backward(opt) > 0
-    with pytest.raises(StepInBackwardError, match="call opt.step\\(\\) after each backward"):
+    with pytest.raises(StepInBackwardError, match="after this step's updates had begun"):
         model(i3, t3)
     with torch.no_grad():
         model(i3, t3)  # evaluation between backward and step is fine
@@ -237,10 +237,6 @@ def test_more_gradients_than_the_step_before_fail_loudly_not_silently():
 
 def test_bad_combinations_are_refused_naming_the_argument():
     _, ref, _ = gpt_pair()
-    with pytest.raises(ValueError, match="max_grad_norm"):
-        hm.wrap(copy.deepcopy(ref), device="cpu", max_grad_norm=1.0, step_in_backward=True)
-    with pytest.raises(ValueError, match="float16"):
-        hm.wrap(copy.deepcopy(ref), device="cpu", dtype=torch.float16, step_in_backward=True)
     with pytest.raises(TypeError, match="step_in_backward"):
         hm.wrap(copy.deepcopy(ref), device="cpu", step_in_backward="yes")
 
