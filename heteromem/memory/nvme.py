@@ -152,6 +152,17 @@ class SlotPool:
     def offset(self, slot: int) -> int:
         return slot * self.slot_bytes
 
+    def shrink_if_unused(self) -> None:
+        """Gives every slot's disk space back when none is in use (the gradients a step
+        spilled are all read: the file need not keep its size until the next spill)."""
+        with self._lock:
+            if self.count == 0 or len(self.free) != self.count:
+                return
+            self.engine.set_size(self.file, 0)
+            self.tier.release(self.count * self.slot_bytes)
+            self.free.clear()
+            self.count = 0
+
     def close(self) -> None:
         self.engine.close(self.file)
 
@@ -428,6 +439,11 @@ class NvmeTier:
         if chunk.grad_spill is not None:
             self.pool("grads").give(chunk.grad_spill.slot)
             chunk.grad_spill = None
+
+    def release_spilled_space(self) -> None:
+        """After a step: the gradients file goes back to empty if no chunk has any there."""
+        if "grads" in self._pools:
+            self._pools["grads"].shrink_if_unused()
 
     # ------------------------------------------------------------------ the optimizer step
 

@@ -192,6 +192,8 @@ class HeteroAdam(torch.optim.Optimizer):
                 self._launch(chunk, sources[id(chunk)], runs[id(chunk)], grad_scale)
         if self._scale_was_good:
             self.scaler.update(False)
+        if manager.nvme is not None:
+            manager.nvme.release_spilled_space()
         self._grads_scaled_by = 1.0
         self._step_finished()
         self._step_done()
