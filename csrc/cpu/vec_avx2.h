@@ -81,6 +81,8 @@ struct Avx2 {
   static I iand(I a, I b) { return _mm256_and_si256(a, b); }
   static I ior(I a, I b) { return _mm256_or_si256(a, b); }
   static I imax_s(I a, I b) { return _mm256_max_epi32(a, b); }  // signed
+  // a | (b & mask)
+  static I or_and(I a, I b, I mask) { return _mm256_or_si256(a, _mm256_and_si256(b, mask)); }
   template <int N>
   static I slli(I a) { return _mm256_slli_epi32(a, N); }
   template <int N>

@@ -82,6 +82,8 @@ struct Avx512 {
   static I iand(I a, I b) { return _mm512_and_si512(a, b); }
   static I ior(I a, I b) { return _mm512_or_si512(a, b); }
   static I imax_s(I a, I b) { return _mm512_max_epi32(a, b); }  // signed
+  // a | (b & mask) in one ternary-logic instruction.
+  static I or_and(I a, I b, I mask) { return _mm512_ternarylogic_epi32(a, b, mask, 0xF8); }
   template <int N>
   static I slli(I a) { return _mm512_slli_epi32(a, N); }
   template <int N>

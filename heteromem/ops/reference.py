@@ -139,7 +139,10 @@ def quantize_8bit(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch
     top = _EXP_AVG_MAX if signed else _EXP_AVG_SQ_MAX
     scale = torch.where(normal, absmax / top, torch.zeros_like(absmax))
     scale = scale.masked_fill(absmax_bits >= _INF_BITS, float("nan"))
-    inv = _per_element(torch.where(normal, top / absmax, torch.zeros_like(absmax)), n)
+    # NOTE: not `top / absmax`: torch computes a Python number over a tensor as a reciprocal
+    # times the number, two roundings, where the kernels divide once.
+    inv = torch.full_like(absmax, top) / absmax
+    inv = _per_element(torch.where(normal, inv, torch.zeros_like(absmax)), n)
     if signed:
         z = bits.view(torch.float32) * inv + _EXP_AVG_ZERO
         k = (z.view(torch.int32) + (_HALF_STEP - _EXP_AVG_OFFSET)) >> 19
