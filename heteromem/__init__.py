@@ -6,7 +6,7 @@ Importing heteromem never initialises CUDA and never compiles anything; see
 
 from heteromem._ext import BuildInfo, HeteromemWarning, build_info
 from heteromem._version import __version__
-from heteromem import ops
+from heteromem import ops, optim
 from heteromem.errors import (DistributedError, HeteromemError, IllegalTransition, NotWrappedError,
                               OutOfMemory, StepInBackwardError, StorageError, UpdateError)
 from heteromem.runtime.checkpoint import (CheckpointError, export_safetensors, load_checkpoint,
@@ -18,5 +18,5 @@ from heteromem.runtime.wrap import wrap
 __all__ = ["BuildInfo", "CheckpointError", "DistributedError", "HeteromemError", "HeteromemWarning",
            "IllegalTransition", "NotWrappedError", "OutOfMemory", "Plan", "Report",
            "StepInBackwardError", "StorageError", "UpdateError", "__version__", "build_info",
-           "export_safetensors", "load_checkpoint", "ops", "plan", "report", "save_checkpoint",
-           "wait_checkpoint", "wrap"]
+           "export_safetensors", "load_checkpoint", "ops", "optim", "plan", "report",
+           "save_checkpoint", "wait_checkpoint", "wrap"]
