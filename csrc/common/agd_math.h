@@ -68,7 +68,8 @@ HM_HOST_DEVICE float agd_element(float param, float grad, float& exp_avg, float&
   if (s.use_decay) param = hm_mul(param, s.decay_factor);
   const float m = hm_add(hm_mul(exp_avg, s.beta1), hm_mul(g, s.one_minus_beta1));
   const float diff = hm_sub(hm_mul(m, s.inv_bias_corr1), hm_mul(exp_avg, s.inv_bias_corr1_prev));
-  const float v = hm_add(hm_mul(exp_avg_sq, s.beta2), hm_mul(hm_mul(diff, diff), s.one_minus_beta2));
+  const float v =
+      hm_add(hm_mul(exp_avg_sq, s.beta2), hm_mul(hm_mul(diff, diff), s.one_minus_beta2));
   const float denom = agd_floor(hm_sqrt(v), s.floor);
   exp_avg = m;
   exp_avg_sq = v;

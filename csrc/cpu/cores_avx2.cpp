@@ -1,6 +1,6 @@
-// The AVX2 (+ FMA, F16C) instantiations of every CPU optimizer core (Adam, AGD, 8-bit Adam): the loops
-// are written once over vector traits (fused_loop_simd.h, adam8bit_core_simd.h) and this file
-// compiles them for 8-float vectors.
+// The AVX2 (+ FMA, F16C) instantiations of every CPU optimizer core (Adam, AGD, 8-bit Adam):
+// the loops are written once over vector traits (fused_loop_simd.h, adam8bit_core_simd.h) and
+// this file compiles them for 8-float vectors.
 #include "adam_core_tail.h"
 #include "adam8bit_core_tail.h"
 

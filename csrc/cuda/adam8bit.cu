@@ -122,17 +122,16 @@ void launch_adam8bit(const at::Tensor& param, const at::Tensor& grad, const at::
   float* ms = exp_avg_scale.data_ptr<float>();
   float* vs = exp_avg_sq_scale.data_ptr<float>();
   auto* lowp = static_cast<LowpT*>(lowp_ptr);
-  const bool vec_ok = aligned(p, sizeof(float) * kPerLane) && aligned(g, sizeof(GradT) * kPerLane) &&
-                      aligned(mc, kPerLane) && aligned(vc, kPerLane) &&
+  const bool vec_ok = aligned(p, sizeof(float) * kPerLane) &&
+                      aligned(g, sizeof(GradT) * kPerLane) && aligned(mc, kPerLane) &&
+                      aligned(vc, kPerLane) &&
                       (lowp == nullptr || aligned(lowp, sizeof(LowpT) * kPerLane));
   const int64_t warps = (n + quant8::kBlock - 1) / quant8::kBlock;
   const int grid = grid_for(warps * 32, kThreads);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (vec_ok) {
-    adam8bit_kernel<GradT, LowpT, true><<<grid, kThreads, 0, stream>>>(p, g, mc, ms, vc, vs, lowp, n, s);
-  } else {
-    adam8bit_kernel<GradT, LowpT, false><<<grid, kThreads, 0, stream>>>(p, g, mc, ms, vc, vs, lowp, n, s);
-  }
+  const auto kernel = vec_ok ? adam8bit_kernel<GradT, LowpT, true>
+                             : adam8bit_kernel<GradT, LowpT, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(p, g, mc, ms, vc, vs, lowp, n, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -113,11 +113,9 @@ void launch_fused_step(const at::Tensor& param, const at::Tensor& grad, const at
                       (lowp == nullptr || aligned(lowp, sizeof(LowpT) * kVec));
   const int blocks = grid_for(n / (vec_ok ? kVec : 1), kThreads);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (vec_ok) {
-    fused_step_kernel<Rule, GradT, LowpT, kVec><<<blocks, kThreads, 0, stream>>>(p, g, m, v, lowp, n, s);
-  } else {
-    fused_step_kernel<Rule, GradT, LowpT, 1><<<blocks, kThreads, 0, stream>>>(p, g, m, v, lowp, n, s);
-  }
+  const auto kernel = vec_ok ? fused_step_kernel<Rule, GradT, LowpT, kVec>
+                             : fused_step_kernel<Rule, GradT, LowpT, 1>;
+  kernel<<<blocks, kThreads, 0, stream>>>(p, g, m, v, lowp, n, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -55,7 +55,7 @@ def adam8bit_step_(
         ValueError: mismatched sizes or devices, non-contiguous buffers, out-of-range values.
     """
     check_param_grad(_OP, param, grad, param_lowp)
-    blocks = reference.quant8_blocks(param.numel()) if isinstance(param, torch.Tensor) else 0
+    blocks = reference.quant8_blocks(param.numel())
     check_tensor(_OP, "exp_avg", exp_avg, param, (torch.uint8,))
     check_tensor(_OP, "exp_avg_scale", exp_avg_scale, param, (torch.float32,), numel=blocks)
     check_tensor(_OP, "exp_avg_sq", exp_avg_sq, param, (torch.uint8,))

@@ -22,7 +22,8 @@ class AGD(FusedOptimizer):
         m_t = beta1 m_{t-1} + (1 - beta1) g_t
         s_t = m_t / (1 - beta1^t) - m_{t-1} / (1 - beta1^(t-1))      (s_1 = m_1 / (1 - beta1))
         b_t = beta2 b_{t-1} + (1 - beta2) s_t^2
-        p  <- p (1 - lr wd) - lr sqrt(1 - beta2^t) / (1 - beta1^t) m_t / max(sqrt(b_t), delta sqrt(1 - beta2^t))
+        c_t = sqrt(1 - beta2^t)
+        p  <- p (1 - lr wd) - lr c_t / (1 - beta1^t) m_t / max(sqrt(b_t), delta c_t)
 
     Same state as Adam (``exp_avg``, ``exp_avg_sq``: 12 bytes per parameter with the fp32
     master) and the same one pass over memory, on float32 parameters on the CPU (AVX-512,

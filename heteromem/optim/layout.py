@@ -83,7 +83,8 @@ class StateLayout:
         return sum(torch.empty((), dtype=r.dtype).element_size() / r.elements_per_item
                    for r in self.regions if master or r.name != "master")
 
-    def zeros(self, numel: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    def zeros(self, numel: int,
+              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Fresh state (all zero is every optimizer's initial state) for `numel` elements,
         one flat tensor per region other than ``master``."""
         return {r.name: torch.zeros(r.items(numel), dtype=r.dtype, device=device)

@@ -93,14 +93,17 @@ void test_agd_paths_bit_identical() {
           AdamBuffers a{p.data(), g.ptr(gt), gt, m.data(), v.data(), lowp.data(), lt};
           AdamBuffers b{p2.data(), g.ptr(gt), gt, m2.data(), v2.data(), lowp2.data(), lt};
           for (int64_t step = 1; step <= 3; ++step) {
-            const AgdScalars s = make_agd_scalars(step, 1e-3, 0.9, 0.999, 1e-4,
-                                                  step == 2 ? 0.1 : 0.0, gt == ElemType::kFloat32 ? 1.0 : 64.0);
+            const double decay = step == 2 ? 0.1 : 0.0;
+            const double grad_scale = gt == ElemType::kFloat32 ? 1.0 : 64.0;
+            const AgdScalars s =
+                make_agd_scalars(step, 1e-3, 0.9, 0.999, 1e-4, decay, grad_scale);
             agd_update(a, s, 0, n, Capability::kScalar);
             agd_update(b, s, 0, n, cap);
           }
           bool ok = lowp == lowp2 || lt == ElemType::kNone;
           for (int64_t i = 0; i < n; ++i) {
-            ok = ok && same_float(p[i], p2[i]) && same_float(m[i], m2[i]) && same_float(v[i], v2[i]);
+            ok = ok && same_float(p[i], p2[i]) && same_float(m[i], m2[i]) &&
+                 same_float(v[i], v2[i]);
           }
           check(ok, std::string("agd ") + capability_name(cap) + " grad=" + type_name(gt) +
                         " lowp=" + type_name(lt) + " n=" + std::to_string(n));
@@ -128,8 +131,12 @@ void test_code_values() {
   check(q8::decode_exp_avg_sq(0) == std::ldexp(1.f, -15), "exp_avg_sq floor");
   check(q8::decode_exp_avg_sq(255) == q8::kExpAvgSqMax, "exp_avg_sq top code");
   bool increasing = true;
-  for (uint32_t k = 1; k < 128; ++k) increasing = increasing && q8::decode_exp_avg(k) > q8::decode_exp_avg(k - 1);
-  for (uint32_t k = 1; k < 256; ++k) increasing = increasing && q8::decode_exp_avg_sq(k) > q8::decode_exp_avg_sq(k - 1);
+  for (uint32_t k = 1; k < 128; ++k) {
+    increasing = increasing && q8::decode_exp_avg(k) > q8::decode_exp_avg(k - 1);
+  }
+  for (uint32_t k = 1; k < 256; ++k) {
+    increasing = increasing && q8::decode_exp_avg_sq(k) > q8::decode_exp_avg_sq(k - 1);
+  }
   check(increasing, "codes are ordered");
 }
 

@@ -17,7 +17,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("ours,theirs", [(AdamW8bit, torch.optim.AdamW), (Adam8bit, torch.optim.Adam)])
+@pytest.mark.parametrize("ours,theirs", [(AdamW8bit, torch.optim.AdamW),
+                                         (Adam8bit, torch.optim.Adam)])
 def test_first_step_matches_torch(ours, theirs):
     """From the zero state nothing has been quantised yet: torch's update to float precision."""
     p = torch.nn.Parameter(torch.randn(10_000))
