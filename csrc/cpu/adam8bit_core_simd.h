@@ -9,7 +9,7 @@
 // (7% of the step on a Zen 4 core), while the next block's update does not depend on it.
 #pragma once
 
-#include <cstring>
+#include <algorithm>
 
 #include "adam8bit_core_tail.h"
 #include "adam_core_simd.h"
@@ -48,7 +48,7 @@ inline void adam8bit_encode_block(const Adam8bitBuffers& b, const PendingBlock& 
       Vec::store_codes(m_codes + j, Vec::or_and(k, Vec::template srli<24>(bits), sign_code));
     }
   } else {
-    std::memset(m_codes, 0, static_cast<size_t>(block.full));
+    std::fill_n(m_codes, block.full, uint8_t{0});
   }
   if (block.v_scale.encode) {
     const I round = Vec::iset1(q8::kHalfStep - q8::kExpAvgSqOffset);
@@ -59,7 +59,7 @@ inline void adam8bit_encode_block(const Adam8bitBuffers& b, const PendingBlock& 
                        Vec::template srli<q8::kCodeShift>(Vec::imax_s(t, Vec::izero())));
     }
   } else {
-    std::memset(v_codes, 0, static_cast<size_t>(block.full));
+    std::fill_n(v_codes, block.full, uint8_t{0});
   }
   if (block.full < block.count) {
     adam8bit_encode_elements(b, block.start, block.full, block.count, block.m, block.v,
