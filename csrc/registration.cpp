@@ -12,6 +12,18 @@ TORCH_LIBRARY(heteromem, m) {
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, *, "
       "int step, float lr, float beta1, float beta2, float eps, float weight_decay, bool adamw, "
       "float grad_scale, Tensor(d!)? param_lowp) -> ()");
+  // In-place AGD (NeurIPS 2023) over flat contiguous buffers; see heteromem/ops/agd.py.
+  m.def(
+      "agd_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, *, "
+      "int step, float lr, float beta1, float beta2, float delta, float weight_decay, "
+      "float grad_scale, Tensor(d!)? param_lowp) -> ()");
+  // In-place Adam/AdamW whose moments are 8-bit codes with one float32 scale per block of 256
+  // elements; see heteromem/ops/adam8bit.py and csrc/common/quant8_math.h.
+  m.def(
+      "adam8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_scale, Tensor(d!) exp_avg_sq, Tensor(e!) exp_avg_sq_scale, *, "
+      "int step, float lr, float beta1, float beta2, float eps, float weight_decay, bool adamw, "
+      "float grad_scale, Tensor(f!)? param_lowp) -> ()");
   // Fused attention over (batch, heads, seq, head_dim); k/v heads divide q heads (GQA); causal
   // is aligned bottom-right. Returns the output and the row log-sum-exp (float32, (batch, heads,
   // seq_q)) that attention_bwd needs. See heteromem/ops/attention.py.

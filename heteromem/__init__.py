@@ -6,7 +6,7 @@ Importing heteromem never initialises CUDA and never compiles anything; see
 
 from heteromem._ext import BuildInfo, HeteromemWarning, build_info
 from heteromem._version import __version__
-from heteromem import ops
+from heteromem import ops, optim
 from heteromem.errors import (DistributedError, HeteromemError, IllegalTransition, NotWrappedError,
                               OutOfMemory, StepInBackwardError, StorageError, UpdateError)
 from heteromem.runtime.checkpoint import (CheckpointError, export_safetensors, load_checkpoint,
@@ -22,4 +22,4 @@ __all__ = ["BuildInfo", "CheckpointError", "DistributedError", "HeteromemError",
            "IllegalTransition", "NotWrappedError", "OutOfMemory", "Plan", "Report",
            "StepInBackwardError", "StorageError", "UpdateError", "__version__", "build_info",
            "export_pretrained", "export_safetensors", "from_pretrained", "load_checkpoint", "ops",
-           "plan", "report", "save_checkpoint", "unwrap", "wait_checkpoint", "wrap"]
+           "optim", "plan", "report", "save_checkpoint", "unwrap", "wait_checkpoint", "wrap"]

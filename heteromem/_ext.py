@@ -46,10 +46,10 @@ def warn_once(seen: set[str], key: str, message: str, stacklevel: int = 2) -> No
     warnings.warn(message, HeteromemWarning, stacklevel=stacklevel + 1)
 
 
-def warn_fallback(reason: str) -> None:
+def warn_fallback(reason: str, stacklevel: int = 3) -> None:
     """Warns once per distinct reason that ops run their pure-PyTorch reference."""
     warn_once(_warned, reason, "heteromem: using the pure-PyTorch reference ops, which are "
-              f"slower: {reason}", stacklevel=3)
+              f"slower: {reason}", stacklevel=stacklevel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,6 +62,19 @@ def has_kernel(op: str, device_type: str) -> bool:
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"heteromem::{op}", key)
+
+
+def use_kernel(op: str, device_type: str) -> bool:
+    """Whether to call torch.ops.heteromem.<op>; when not, warns once why its pure-PyTorch
+    reference runs instead (no warning for meta tensors, which only trace)."""
+    if has_kernel(op, device_type):
+        return True
+    if device_type != "meta":
+        # stacklevel: the warning points at the code that called the typed op.
+        warn_fallback(LOAD_ERROR if not LOADED else
+                      f"this build has no {device_type} kernel for {op} "
+                      "(rebuild with the CUDA toolkit to get one)", stacklevel=4)
+    return False
 
 
 @dataclass(frozen=True)

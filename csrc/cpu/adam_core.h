@@ -1,20 +1,20 @@
-// Torch-free CPU Adam core: one pass over flat buffers, picked per CPU at run time.
+// Torch-free CPU cores of the fp32-state optimizers, Adam/AdamW and AGD: one pass over flat
+// buffers, the path picked per CPU at run time (capability.h).
 //
-// The core knows nothing about tensors or threads: the op wrapper (adam_cpu.cpp) validates
-// tensors and splits the range over threads; the C++ unit tests call the core directly.
+// The cores know nothing about tensors or threads: the op wrappers (adam_cpu.cpp,
+// agd_cpu.cpp) validate tensors and split the range over threads; the C++ unit tests call the
+// cores directly.
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 #include "../common/adam_math.h"
+#include "../common/agd_math.h"
+#include "capability.h"
 
 namespace heteromem::cpu {
 
-enum class ElemType { kNone, kFloat32, kBFloat16, kFloat16 };
-
-enum class Capability { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
+// The buffers of one update, shared by the Adam and AGD cores (same state, same traffic).
 struct AdamBuffers {
   float* param = nullptr;
   const void* grad = nullptr;
@@ -29,22 +29,17 @@ struct AdamBuffers {
 void adam_update(const AdamBuffers& buffers, const AdamScalars& scalars, int64_t begin,
                  int64_t end, Capability capability);
 
-// The per-capability loops (defined in adam_core_<capability>.cpp). Calling one the CPU does
-// not support is undefined behaviour; use adam_update, which checks.
+// The same for AGD (common/agd_math.h).
+void agd_update(const AdamBuffers& buffers, const AgdScalars& scalars, int64_t begin,
+                int64_t end, Capability capability);
+
+// The per-capability loops (defined in cores_<capability>.cpp). Calling one the CPU does not
+// support is undefined behaviour; use adam_update / agd_update, which check.
 void adam_update_scalar(const AdamBuffers&, const AdamScalars&, int64_t begin, int64_t end);
 void adam_update_avx2(const AdamBuffers&, const AdamScalars&, int64_t begin, int64_t end);
 void adam_update_avx512(const AdamBuffers&, const AdamScalars&, int64_t begin, int64_t end);
-
-// The best capability this CPU supports.
-Capability detect_capability();
-
-// The capability in use: detect_capability(), or HETEROMEM_CPU_CAPABILITY (scalar, avx2,
-// avx512) when set. Throws std::invalid_argument for an unknown value or one this CPU lacks.
-Capability active_capability();
-
-const char* capability_name(Capability capability);
-
-// Parses "scalar" / "avx2" / "avx512"; throws std::invalid_argument naming the variable.
-Capability parse_capability(const std::string& name);
+void agd_update_scalar(const AdamBuffers&, const AgdScalars&, int64_t begin, int64_t end);
+void agd_update_avx2(const AdamBuffers&, const AgdScalars&, int64_t begin, int64_t end);
+void agd_update_avx512(const AdamBuffers&, const AgdScalars&, int64_t begin, int64_t end);
 
 }  // namespace heteromem::cpu

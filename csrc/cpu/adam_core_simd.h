@@ -1,10 +1,7 @@
-// The vector loop shared by the AVX2 and AVX-512 paths, written once over a `Vec` traits type
-// (width, set1/loadu/storeu, add/sub/mul/div/sqrt, load_grad<G>, store_lowp<L>).
-//
-// Include it *after* switching the target on (#pragma GCC target / clang attribute push) so
-// the instantiations are compiled for that target; everything here has internal linkage, so
-// the two paths' copies never mix at link time. Operation order is adam_element's
-// (common/adam_math.h), so every path gives bit-identical results.
+// Adam's per-element maths on a vector of `Vec` lanes, in adam_element's operation order
+// (common/adam_math.h), so every path gives bit-identical results. Used by the fp32-state
+// loop (fused_loop_simd.h) and the 8-bit-state loop (adam8bit_core_simd.h). Include after
+// switching the target on.
 #pragma once
 
 #include "adam_core_tail.h"
@@ -12,61 +9,48 @@
 namespace heteromem::cpu {
 namespace {
 
-template <class Vec, ElemType G, ElemType L>
-void update_simd(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  using V = typename Vec::V;
-  const V inv_grad_scale = Vec::set1(s.inv_grad_scale);
-  const V l2 = Vec::set1(s.l2_weight_decay);
-  const V decay = Vec::set1(s.decay_factor);
-  const V beta1 = Vec::set1(s.beta1);
-  const V one_minus_beta1 = Vec::set1(s.one_minus_beta1);
-  const V beta2 = Vec::set1(s.beta2);
-  const V one_minus_beta2 = Vec::set1(s.one_minus_beta2);
-  const V inv_bc2 = Vec::set1(s.inv_bias_corr2_sqrt);
-  const V eps = Vec::set1(s.eps);
-  const V step_size = Vec::set1(s.step_size);
-  int64_t i = begin;
-  for (; i + Vec::kWidth <= end; i += Vec::kWidth) {
-    V p = Vec::loadu(b.param + i);
-    V g = Vec::mul(Vec::template load_grad<G>(b.grad, i), inv_grad_scale);
-    if (s.use_l2) g = Vec::add(g, Vec::mul(p, l2));
-    if (s.use_decay) p = Vec::mul(p, decay);
-    const V m = Vec::add(Vec::mul(Vec::loadu(b.exp_avg + i), beta1), Vec::mul(g, one_minus_beta1));
-    const V v = Vec::add(Vec::mul(Vec::loadu(b.exp_avg_sq + i), beta2),
-                         Vec::mul(Vec::mul(g, g), one_minus_beta2));
-    const V denom = Vec::add(Vec::mul(Vec::sqrt(v), inv_bc2), eps);
-    p = Vec::sub(p, Vec::mul(Vec::div(m, denom), step_size));
-    Vec::storeu(b.exp_avg + i, m);
-    Vec::storeu(b.exp_avg_sq + i, v);
-    Vec::storeu(b.param + i, p);
-    Vec::template store_lowp<L>(b.param_lowp, i, p);
-  }
-  adam_elements(b, s, i, end);
-}
-
-template <class Vec, ElemType G>
-void dispatch_lowp(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  switch (b.lowp_type) {
-    case ElemType::kBFloat16:
-      return update_simd<Vec, G, ElemType::kBFloat16>(b, s, begin, end);
-    case ElemType::kFloat16:
-      return update_simd<Vec, G, ElemType::kFloat16>(b, s, begin, end);
-    default:
-      return update_simd<Vec, G, ElemType::kNone>(b, s, begin, end);
-  }
-}
-
 template <class Vec>
-void adam_update_simd(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  switch (b.grad_type) {
-    case ElemType::kBFloat16:
-      return dispatch_lowp<Vec, ElemType::kBFloat16>(b, s, begin, end);
-    case ElemType::kFloat16:
-      return dispatch_lowp<Vec, ElemType::kFloat16>(b, s, begin, end);
-    default:
-      return dispatch_lowp<Vec, ElemType::kFloat32>(b, s, begin, end);
+struct AdamRule {
+  using V = typename Vec::V;
+  // The flags are copied: a member read through a float* store's alias could not be
+  // hoisted out of the loop.
+  const AdamScalars& s;
+  const bool scale_grad, use_l2, use_decay;
+  const V inv_grad_scale, l2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc2,
+      eps, step_size;
+
+  explicit AdamRule(const AdamScalars& scalars)
+      : s(scalars),
+        // NOTE: g * 1 == g (NaN payloads aside), so skipping the multiply changes no result.
+        scale_grad(scalars.inv_grad_scale != 1.0f),
+        use_l2(scalars.use_l2),
+        use_decay(scalars.use_decay),
+        inv_grad_scale(Vec::set1(scalars.inv_grad_scale)),
+        l2(Vec::set1(scalars.l2_weight_decay)),
+        decay(Vec::set1(scalars.decay_factor)),
+        beta1(Vec::set1(scalars.beta1)),
+        one_minus_beta1(Vec::set1(scalars.one_minus_beta1)),
+        beta2(Vec::set1(scalars.beta2)),
+        one_minus_beta2(Vec::set1(scalars.one_minus_beta2)),
+        inv_bc2(Vec::set1(scalars.inv_bias_corr2_sqrt)),
+        eps(Vec::set1(scalars.eps)),
+        step_size(Vec::set1(scalars.step_size)) {}
+
+  // Updates m and v in place; returns the new parameter.
+  V apply(V p, V g, V& m, V& v) const {
+    if (scale_grad) g = Vec::mul(g, inv_grad_scale);
+    if (use_l2) g = Vec::add(g, Vec::mul(p, l2));
+    if (use_decay) p = Vec::mul(p, decay);
+    m = Vec::add(Vec::mul(m, beta1), Vec::mul(g, one_minus_beta1));
+    v = Vec::add(Vec::mul(v, beta2), Vec::mul(Vec::mul(g, g), one_minus_beta2));
+    const V denom = Vec::add(Vec::mul(Vec::sqrt(v), inv_bc2), eps);
+    return Vec::sub(p, Vec::mul(Vec::div(m, denom), step_size));
   }
-}
+
+  void tail(const AdamBuffers& b, int64_t begin, int64_t end) const {
+    adam_elements(b, s, begin, end);
+  }
+};
 
 }  // namespace
 }  // namespace heteromem::cpu

@@ -1,10 +1,12 @@
-// The element loop shared by the scalar path and the SIMD paths' tails.
+// The element loops shared by the scalar paths and the SIMD paths' tails (Adam and AGD: the
+// same buffers, a different element function).
 //
-// Everything here (and in float16_convert.h) has internal linkage: each adam_core_*.cpp gets
+// Everything here (and in float16_convert.h) has internal linkage: each *_core_*.cpp gets
 // its own copy, so the linker can never pick a copy built for AVX-512 to serve the scalar
 // path on a CPU without it. The SIMD files include this before switching their target on.
 #pragma once
 
+#include "../common/agd_math.h"
 #include "adam_core.h"
 #include "float16_convert.h"
 
@@ -30,14 +32,23 @@ inline void store_lowp_element(void* lowp, ElemType type, int64_t i, float value
   }
 }
 
-inline void adam_elements(const AdamBuffers& b, const AdamScalars& s, int64_t begin,
-                          int64_t end) {
+template <class Scalars, float (*Element)(float, float, float&, float&, const Scalars&)>
+inline void fused_elements(const AdamBuffers& b, const Scalars& s, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float g = load_grad_element(b.grad, b.grad_type, i);
-    const float p = adam_element(b.param[i], g, b.exp_avg[i], b.exp_avg_sq[i], s);
+    const float p = Element(b.param[i], g, b.exp_avg[i], b.exp_avg_sq[i], s);
     b.param[i] = p;
     store_lowp_element(b.param_lowp, b.lowp_type, i, p);
   }
+}
+
+inline void adam_elements(const AdamBuffers& b, const AdamScalars& s, int64_t begin,
+                          int64_t end) {
+  fused_elements<AdamScalars, adam_element>(b, s, begin, end);
+}
+
+inline void agd_elements(const AdamBuffers& b, const AgdScalars& s, int64_t begin, int64_t end) {
+  fused_elements<AgdScalars, agd_element>(b, s, begin, end);
 }
 
 }  // namespace

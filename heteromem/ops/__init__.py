@@ -5,6 +5,8 @@ kernel is unavailable, and says so once.
 """
 
 from heteromem.ops.adam import adam_step_
+from heteromem.ops.adam8bit import adam8bit_step_
+from heteromem.ops.agd import agd_step_
 from heteromem.ops.attention import attention
 
-__all__ = ["adam_step_", "attention"]
+__all__ = ["adam8bit_step_", "adam_step_", "agd_step_", "attention"]

@@ -9,48 +9,14 @@ OpenMP threads. CUDA: one launch on the current stream.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from heteromem import _ext
 from heteromem.ops import reference
+from heteromem.ops._checks import (check_betas, check_param_grad, check_real, check_step,
+                                   check_tensor)
 
 _OP = "adam_step_"
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOWP_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _check_real(name: str, value: object, *, low: float, low_inclusive: bool = True,
-                high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"adam_step_: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    ok = value == value and value not in (float("inf"), float("-inf"))
-    ok = ok and (value >= low if low_inclusive else value > low)
-    ok = ok and (high is None or value < high)
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
-        raise ValueError(f"adam_step_: {name} must be finite and {bound}, got {value}")
-    return value
-
-
-def _check_tensor(name: str, t: object, param: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"adam_step_: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"adam_step_: {name} must be {allowed}, got {str(t.dtype).replace('torch.', '')}")
-    if t is not param:
-        if t.device != param.device:
-            raise ValueError(f"adam_step_: {name} is on {t.device} but param is on {param.device}; "
-                             "move all tensors to one device")
-        if t.numel() != param.numel():
-            raise ValueError(f"adam_step_: {name} has {t.numel()} elements but param has "
-                             f"{param.numel()}; pass buffers of equal size")
-    if not t.is_contiguous():
-        raise ValueError(f"adam_step_: {name} must be contiguous; call .contiguous() or pass a "
-                         "flat chunk view")
 
 
 def adam_step_(
@@ -83,35 +49,26 @@ def adam_step_(
         TypeError: a tensor of the wrong dtype, or a non-numeric hyper-parameter.
         ValueError: mismatched sizes or devices, non-contiguous buffers, out-of-range values.
     """
-    _check_tensor("param", param, param, (torch.float32,))
-    _check_tensor("grad", grad, param, _GRAD_DTYPES)
-    _check_tensor("exp_avg", exp_avg, param, (torch.float32,))
-    _check_tensor("exp_avg_sq", exp_avg_sq, param, (torch.float32,))
-    if param_lowp is not None:
-        _check_tensor("param_lowp", param_lowp, param, _LOWP_DTYPES)
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
-        raise ValueError(f"adam_step_: step must be an int >= 1 (the count after this update), got {step!r}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"adam_step_: betas must be a pair (beta1, beta2), got {betas!r}")
+    check_param_grad(_OP, param, grad, param_lowp)
+    check_tensor(_OP, "exp_avg", exp_avg, param, (torch.float32,))
+    check_tensor(_OP, "exp_avg_sq", exp_avg_sq, param, (torch.float32,))
+    step = check_step(_OP, step)
+    beta1, beta2 = check_betas(_OP, betas)
     kwargs = dict(
-        step=int(step),
-        lr=_check_real("lr", lr, low=0.0),
-        beta1=_check_real("betas[0]", betas[0], low=0.0, high=1.0),
-        beta2=_check_real("betas[1]", betas[1], low=0.0, high=1.0),
-        eps=_check_real("eps", eps, low=0.0),
-        weight_decay=_check_real("weight_decay", weight_decay, low=0.0),
+        step=step,
+        lr=check_real(_OP, "lr", lr, low=0.0),
+        beta1=beta1,
+        beta2=beta2,
+        eps=check_real(_OP, "eps", eps, low=0.0),
+        weight_decay=check_real(_OP, "weight_decay", weight_decay, low=0.0),
         adamw=bool(adamw),
-        grad_scale=_check_real("grad_scale", grad_scale, low=0.0, low_inclusive=False),
+        grad_scale=check_real(_OP, "grad_scale", grad_scale, low=0.0, low_inclusive=False),
         param_lowp=param_lowp,
     )
-    if _ext.has_kernel(_OP, param.device.type):
+    if _ext.use_kernel(_OP, param.device.type):
         torch.ops.heteromem.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
-        return
-    if param.device.type != "meta":
-        _ext.warn_fallback(_ext.LOAD_ERROR if not _ext.LOADED else
-                           f"this build has no {param.device.type} kernel for adam_step_ "
-                           "(rebuild with the CUDA toolkit to get one)")
-    reference.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
+    else:
+        reference.adam_step_(param, grad, exp_avg, exp_avg_sq, **kwargs)
 
 
 if _ext.LOADED:

@@ -5,9 +5,11 @@ The attention functions state the op's semantics (``attention_math``), give the 
 (``attention``), and mirror the CUDA kernels' blocked algorithm (``attention_fwd`` /
 ``attention_bwd``, also the CPU kernels of the registered ops).
 
-``adam_step_`` performs exactly the rounded float32 operations of the kernels
-(csrc/common/adam_math.h) in the same order, one PyTorch op per rounding, so on the same
-inputs it gives bit-identical results (NaN payloads aside).
+``adam_step_`` and ``agd_step_`` perform exactly the rounded float32 operations of the kernels
+(csrc/common/adam_math.h, agd_math.h) in the same order, one PyTorch op per rounding, so on the
+same inputs they give bit-identical results (NaN payloads aside). ``adam8bit_step_`` is
+``dequantize_8bit``, ``adam_step_`` and ``quantize_8bit`` in turn, which is what the 8-bit
+kernels compute in one pass (csrc/common/quant8_math.h).
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    # NOTE: torch's CPU sqrt (MKL VML) is not always correctly rounded; the float64 square
+    # root rounded to float32 is, for every float32 input, so it matches the kernels' sqrt.
+    return x.double().sqrt_().float()
 
 
 def adam_step_(
@@ -43,12 +51,138 @@ def adam_step_(
         param.mul_(1.0 - lr * weight_decay)
     exp_avg.mul_(beta1).add_(g * (1.0 - beta1))
     exp_avg_sq.mul_(beta2).add_((g * g).mul_(1.0 - beta2))
-    # NOTE: torch's CPU sqrt (MKL VML) is not always correctly rounded; the float64 square
-    # root rounded to float32 is, for every float32 input, so it matches the kernels' sqrt.
-    denom = exp_avg_sq.double().sqrt_().float().mul_(1.0 / math.sqrt(bias_corr2)).add_(eps)
+    denom = _sqrt_rn(exp_avg_sq).mul_(1.0 / math.sqrt(bias_corr2)).add_(eps)
     param.sub_((exp_avg / denom).mul_(lr / bias_corr1))
     if param_lowp is not None:
         param_lowp.copy_(param)
+
+
+def agd_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    delta: float,
+    weight_decay: float,
+    grad_scale: float,
+    param_lowp: torch.Tensor | None,
+) -> None:
+    """In-place AGD update; arguments as ``heteromem.ops.agd_step_`` (validated there)."""
+    bias_corr1 = 1.0 - beta1**step
+    bias_corr2 = 1.0 - beta2**step
+    inv_bias_corr1_prev = 1.0 / (1.0 - beta1**(step - 1)) if step > 1 else 0.0
+    g = grad.float() * (1.0 / grad_scale)
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    exp_avg_prev = exp_avg.clone()
+    exp_avg.mul_(beta1).add_(g * (1.0 - beta1))
+    diff = exp_avg * (1.0 / bias_corr1) - exp_avg_prev * inv_bias_corr1_prev
+    exp_avg_sq.mul_(beta2).add_((diff * diff).mul_(1.0 - beta2))
+    root = _sqrt_rn(exp_avg_sq)
+    floor = torch.tensor(delta * math.sqrt(bias_corr2), dtype=torch.float32, device=root.device)
+    denom = torch.where(floor > root, floor, root)  # a NaN root stays NaN
+    param.sub_((exp_avg / denom).mul_(lr * math.sqrt(bias_corr2) / bias_corr1))
+    if param_lowp is not None:
+        param_lowp.copy_(param)
+
+
+# 8-bit moments (csrc/common/quant8_math.h): codes F(k) = 2^(e - bias) (1 + f/16), k = 16 e + f.
+QUANT_BLOCK = 256
+_EXP_AVG_OFFSET = (127 - 7) << 23       # bits of F(0) = 2^-7 (exp_avg: sign + 7-bit code)
+_EXP_AVG_SQ_OFFSET = (127 - 15) << 23   # bits of F(0) = 2^-15 (exp_avg_sq: 8-bit code)
+_EXP_AVG_ZERO = 2.0**-7
+_EXP_AVG_MAX = 1.9296875                # D(127) = F(127) - F(0)
+_EXP_AVG_SQ_MAX = 1.9375                # F(255)
+_HALF_STEP = 1 << 18
+_INF_BITS = 0x7F800000
+_MIN_NORMAL_BITS = 0x00800000
+
+
+def quant8_blocks(numel: int) -> int:
+    """Number of block scales of an 8-bit state of `numel` elements."""
+    return -(-numel // QUANT_BLOCK)
+
+
+def _per_element(blocks: torch.Tensor, numel: int) -> torch.Tensor:
+    return blocks.repeat_interleave(QUANT_BLOCK)[:numel]
+
+
+def dequantize_8bit(codes: torch.Tensor, scale: torch.Tensor, *, signed: bool) -> torch.Tensor:
+    """The float32 values of a flat 8-bit state: codes (uint8, n) and one scale per block of
+    256 (float32). ``signed=True`` is the exp_avg format, ``False`` exp_avg_sq's."""
+    c = codes.reshape(-1).to(torch.int32)
+    if signed:
+        value = (((c & 0x7F) << 19) + _EXP_AVG_OFFSET).view(torch.float32) - _EXP_AVG_ZERO
+        value = torch.where((c & 0x80) != 0, -value, value)
+    else:
+        value = ((c << 19) + _EXP_AVG_SQ_OFFSET).view(torch.float32)
+    return value * _per_element(scale, c.numel())
+
+
+def quantize_8bit(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8, scales float32) of a flat float32 state, one scale per block of 256:
+    the block's largest magnitude over the format's largest code value (NaN when the block
+    holds a non-finite value, 0 when all its magnitudes are below FLT_MIN; codes 0 then)."""
+    x = x.reshape(-1).contiguous()
+    n = x.numel()
+    bits = x.view(torch.int32) & 0x7FFFFFFF
+    padded = torch.zeros(quant8_blocks(n) * QUANT_BLOCK, dtype=torch.int32, device=x.device)
+    padded[:n] = bits
+    absmax_bits = padded.view(-1, QUANT_BLOCK).amax(dim=1)
+    absmax = absmax_bits.view(torch.float32)
+    normal = (absmax_bits >= _MIN_NORMAL_BITS) & (absmax_bits < _INF_BITS)
+    top = _EXP_AVG_MAX if signed else _EXP_AVG_SQ_MAX
+    scale = torch.where(normal, absmax / top, torch.zeros_like(absmax))
+    scale = scale.masked_fill(absmax_bits >= _INF_BITS, float("nan"))
+    # NOTE: not `top / absmax`: torch computes a Python number over a tensor as a reciprocal
+    # times the number, two roundings, where the kernels divide once.
+    inv = torch.full_like(absmax, top) / absmax
+    inv = _per_element(torch.where(normal, inv, torch.zeros_like(absmax)), n)
+    if signed:
+        z = bits.view(torch.float32) * inv + _EXP_AVG_ZERO
+        k = (z.view(torch.int32) + (_HALF_STEP - _EXP_AVG_OFFSET)) >> 19
+        k = k | ((x.view(torch.int32) >> 24) & 0x80)
+    else:
+        t = (x * inv).view(torch.int32) + (_HALF_STEP - _EXP_AVG_SQ_OFFSET)
+        k = t.clamp_min(0) >> 19
+    k = torch.where(_per_element(normal, n), k, torch.zeros_like(k))
+    return k.to(torch.uint8), scale
+
+
+def adam8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_scale: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    exp_avg_sq_scale: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adamw: bool,
+    grad_scale: float,
+    param_lowp: torch.Tensor | None,
+) -> None:
+    """In-place 8-bit Adam/AdamW update; arguments as ``heteromem.ops.adam8bit_step_``."""
+    m = dequantize_8bit(exp_avg, exp_avg_scale, signed=True)
+    v = dequantize_8bit(exp_avg_sq, exp_avg_sq_scale, signed=False)
+    adam_step_(param, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+               weight_decay=weight_decay, adamw=adamw, grad_scale=grad_scale,
+               param_lowp=param_lowp)
+    for codes, scale, value, signed in ((exp_avg, exp_avg_scale, m, True),
+                                        (exp_avg_sq, exp_avg_sq_scale, v, False)):
+        new_codes, new_scale = quantize_8bit(value, signed=signed)
+        codes.copy_(new_codes.view_as(codes))
+        scale.copy_(new_scale)
 
 
 # ------------------------------------------------------------------------------------ attention

@@ -1,20 +1,13 @@
-// AVX2 + FMA + F16C path: the vector traits (8 floats) and bf16/fp16 loads and stores; the
-// loop itself is adam_core_simd.h, shared with the AVX-512 path.
-#include "adam_core_tail.h"
+// AVX2 + FMA + F16C vector traits (8 floats) for the optimizer loops: float arithmetic,
+// bf16/fp16 gradient loads and parameter-copy stores, and the integer operations of the
+// 8-bit codes. Same rules as vec_avx512.h: include after switching the target on.
+#pragma once
 
-#if defined(__x86_64__)
 #include <immintrin.h>
 
-// Only the functions below are compiled for AVX2; the shared helpers included above keep
-// the baseline target (see adam_core_tail.h).
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+#include <cstdint>
 
-#include "adam_core_simd.h"
+#include "capability.h"
 
 namespace heteromem::cpu {
 namespace {
@@ -59,41 +52,59 @@ inline void store_lowp8(void* lowp, int64_t i, __m256 p) {
 
 struct Avx2 {
   using V = __m256;
+  using I = __m256i;
   static constexpr int kWidth = 8;
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
   static void storeu(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static void store(float* p, V x) { _mm256_store_ps(p, x); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
   static V sqrt(V a) { return _mm256_sqrt_ps(a); }
+  // a > b ? a : b per lane, with b where either is NaN (x86 maxps).
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
   template <ElemType G>
   static V load_grad(const void* grad, int64_t i) { return load_grad8<G>(grad, i); }
   template <ElemType L>
   static void store_lowp(void* lowp, int64_t i, V p) { store_lowp8<L>(lowp, i, p); }
+
+  // Integer lanes (the 8-bit codes and float bit patterns).
+  static I iset1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+  static I izero() { return _mm256_setzero_si256(); }
+  static I bits(V x) { return _mm256_castps_si256(x); }
+  static V from_bits(I x) { return _mm256_castsi256_ps(x); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I iand(I a, I b) { return _mm256_and_si256(a, b); }
+  static I ior(I a, I b) { return _mm256_or_si256(a, b); }
+  static I imax_s(I a, I b) { return _mm256_max_epi32(a, b); }  // signed
+  // a | (b & mask)
+  static I or_and(I a, I b, I mask) { return _mm256_or_si256(a, _mm256_and_si256(b, mask)); }
+  template <int N>
+  static I slli(I a) { return _mm256_slli_epi32(a, N); }
+  template <int N>
+  static I srli(I a) { return _mm256_srli_epi32(a, N); }
+  static I load_codes(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  // Lanes hold values < 256: two packs leave bytes 0-3 in the low lane and 4-7 in the high.
+  static void store_codes(uint8_t* p, I codes) {
+    const __m256i words = _mm256_packus_epi32(codes, codes);
+    const __m256i bytes = _mm256_packus_epi16(words, words);
+    const __m128i both = _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes),
+                                            _mm256_extracti128_si256(bytes, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), both);
+  }
+  static uint32_t reduce_max(I a) {
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+    return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+  }
 };
 
 }  // namespace
-
-void adam_update_avx2(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  adam_update_simd<Avx2>(b, s, begin, end);
-}
-
 }  // namespace heteromem::cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#else  // not x86-64: adam_update never selects this path (cpu_supports is false).
-
-namespace heteromem::cpu {
-void adam_update_avx2(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  adam_update_scalar(b, s, begin, end);
-}
-}  // namespace heteromem::cpu
-
-#endif

@@ -1,13 +1,9 @@
-// Run-time choice of the CPU Adam path: the same binary runs on CPUs with and without
-// AVX-512, and HETEROMEM_CPU_CAPABILITY can force a lower path (tests, benchmarks).
-#include "adam_core.h"
+#include "capability.h"
 
 #include <cstdlib>
 #include <stdexcept>
 
 namespace heteromem::cpu {
-
-namespace {
 
 bool cpu_supports(Capability capability) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -25,8 +21,6 @@ bool cpu_supports(Capability capability) {
   return capability == Capability::kScalar;
 #endif
 }
-
-}  // namespace
 
 const char* capability_name(Capability capability) {
   switch (capability) {
@@ -67,23 +61,10 @@ Capability active_capability() {
   return capability;
 }
 
-void adam_update(const AdamBuffers& buffers, const AdamScalars& scalars, int64_t begin,
-                 int64_t end, Capability capability) {
-  if (begin >= end) return;
+void require_capability(Capability capability) {
   if (!cpu_supports(capability)) {
     throw std::invalid_argument(std::string("CPU path ") + capability_name(capability) +
                                 " is not supported by this CPU");
-  }
-  switch (capability) {
-    case Capability::kAvx512:
-      adam_update_avx512(buffers, scalars, begin, end);
-      return;
-    case Capability::kAvx2:
-      adam_update_avx2(buffers, scalars, begin, end);
-      return;
-    case Capability::kScalar:
-      adam_update_scalar(buffers, scalars, begin, end);
-      return;
   }
 }
 
