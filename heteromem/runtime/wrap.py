@@ -342,7 +342,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         trainable_images = sum(1 for c in chunks if id(c) in plan.on_nvme and c.trainable)
         frozen_images = len(plan.on_nvme) - trainable_images
         spares = None if comm is not None else staging_slots
-        check_nvme_dir(nvme_dir, nvme_disk_bytes(host_capacity, dtype, trainable_images,
+        # Image slots as large as the fullest chunk on NVMe, not the chunk capacity: a chunk
+        # a large parameter did not fit into the rest of is mostly not full.
+        image_capacity = max(c.host_len for c in chunks if id(c) in plan.on_nvme)
+        check_nvme_dir(nvme_dir, nvme_disk_bytes(image_capacity, dtype, trainable_images,
                                                  frozen_images, spares))
 
     # NOTE: from here on the model changes; a failure puts it back as it was (parameters,
@@ -354,7 +357,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             source.prepare(chunks)
         if plan.on_nvme:
             # Sharded steps commit only once every rank has written: a spare per chunk.
-            nvme = NvmeTier(os.fspath(nvme_dir), host_capacity, dtype, staging_slots,
+            nvme = NvmeTier(os.fspath(nvme_dir), image_capacity, dtype, staging_slots,
                             host_tier, pin=dev.type == "cuda", owner=model,
                             spares=spares)
             undo.nvme = nvme
