@@ -45,8 +45,12 @@ def main() -> None:
     for name in config.get("frozen", []):
         model.get_parameter(name).requires_grad_(False)
     dtype = getattr(torch, config.get("dtype", "float32"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                            weight_decay=0.1, eps=1e-5)  # see EPS in test_sharded.py
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.get("optimizer"):  # a heteromem.optim class by name, with its keyword arguments
+        opt = getattr(hm.optim, config["optimizer"])(trainable, **config["optimizer_kwargs"])
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1,
+                                eps=1e-5)  # see EPS in test_sharded.py
     kwargs = dict(device="cpu", dtype=dtype, chunk_mb=config["chunk_mb"],
                   device_memory=config["device_memory"],
                   max_grad_norm=config.get("clip"), keep_on_device=config.get("keep", ()))
