@@ -54,7 +54,7 @@ class OptimizerKind:
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
         except KeyError as exc:
-            raise ValueError(f"{where}: has no {exc.args[0]!r}; a {self.name} param group "
+            raise ValueError(f"{where}: has no {exc.args[0]!r}; an {self.name} param group "
                              f"needs {list(self.hyper)}") from None
 
     def run_group(self, group: Mapping[str, Any]) -> dict[str, Any]:

@@ -108,6 +108,13 @@ def _check(opt, saved: dict, numbered: list) -> dict[int, tuple[int, dict]]:
                          f"{[len(g['params']) for g in opt.param_groups]}; build the "
                          "optimizer's param groups as they were when it was saved")
     for i, group in enumerate(groups):
+        # NOTE: AGD's state has Adam's keys (exp_avg, exp_avg_sq, step) with other meanings;
+        # its param groups differ (delta, no eps), and every optimizer saves all its keys.
+        missing = [k for k in kind.hyper if k not in group]
+        if missing:
+            raise ValueError(f"{what}: param group {i} has no {missing}, which every {kind.name} "
+                             f"param group has (it holds {sorted(k for k in group if k != 'params')}"
+                             "): it was saved by another optimizer; load it into that optimizer")
         merged = {**opt.param_groups[i], **{k: v for k, v in group.items() if k != "params"}}
         kind.check_group(merged, f"{what}: param group {i}")
     saved_ids = list(chain.from_iterable(g["params"] for g in groups))
@@ -121,8 +128,11 @@ def _check(opt, saved: dict, numbered: list) -> dict[int, tuple[int, dict]]:
         slot = numbered[position[key]][1]
         if not isinstance(entry, dict) or set(entry) != expected:
             got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise ValueError(f"{where} has keys {got}, a {kind.name} state has "
+            raise ValueError(f"{where} has keys {got}, an {kind.name} state has "
                              f"{sorted(expected)} (was it saved by another optimizer?)")
+        if kind.standalone is not None and isinstance(entry["step"], torch.Tensor):
+            raise ValueError(f"{where}: step is a tensor, as torch's optimizers save it; "
+                             f"{kind.name} saves an int (was it saved by another optimizer?)")
         step = _step(entry["step"], where)
         for region in kind.layout.state_regions:
             t, want = entry[region.name], region.items(slot.numel)

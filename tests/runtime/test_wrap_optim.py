@@ -283,16 +283,37 @@ def test_state_dict_moves_between_the_standalone_and_the_wrapped_optimizer(cls):
     assert train_steps(again, aopt, batches[3:]) == want
 
 
-def test_a_state_of_another_optimizer_is_refused_with_nothing_changed():
-    cfg, ref, ropt, model, opt = _pair(AGD)
+@pytest.mark.parametrize("wrapped,saved,message", [
+    (AGD, AdamW8bit, r"\(AGD\): param group 0 has no \['delta'\].*saved by another optimizer"),
+    # The same state keys (exp_avg, exp_avg_sq, step) with other meanings: told apart by the
+    # param groups' keys and by the type of step.
+    (AGD, torch.optim.AdamW, r"\(AGD\): param group 0 has no \['delta'\].*saved by another "
+                             r"optimizer"),
+    (torch.optim.AdamW, AGD, r"\(AdamW\): param group 0 has no \['eps'\].*saved by another "
+                             r"optimizer"),
+], ids=["8bit-into-AGD", "AdamW-into-AGD", "AGD-into-AdamW"])
+def test_a_state_of_another_optimizer_is_refused_with_nothing_changed(wrapped, saved, message):
+    cfg, ref, model = gpt_pair()
+    opt = wrapped(_groups(model, wrapped), lr=1e-3)
+    model, opt = hm.wrap(model, opt, device="cpu", dtype=torch.float32, **paging_kwargs(ref, 4))
     batches = gpt_batches(cfg, 3)
     train_steps(model, opt, batches[:2])
     before = opt.state_dict()
-    eight = AdamW8bit(_groups(ref, AdamW8bit), lr=1e-3)
-    train_steps(ref, eight, batches[:1])
-    with pytest.raises(ValueError, match=r"AGD.*has keys \['exp_avg', 'exp_avg_scale'.*another "
-                                         "optimizer"):
-        opt.load_state_dict(eight.state_dict())
+    other = saved(_groups(ref, saved), lr=1e-3)
+    train_steps(ref, other, batches[:1])
+    state = other.state_dict()
+    if saved is not AGD:
+        # Given AGD's hyper-parameter too, the state keys (8-bit) or the type of step (torch's
+        # AdamW) tell it apart.
+        disguised = copy.deepcopy(state)
+        for group in disguised["param_groups"]:
+            group["delta"] = 1e-5
+        with pytest.raises(ValueError, match=(
+                r"AGD.*has keys \['exp_avg', 'exp_avg_scale'.*another optimizer"
+                if saved is AdamW8bit else r"step is a tensor, as torch's optimizers save it")):
+            opt.load_state_dict(disguised)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
     _assert_same_state(opt.state_dict(), before)
 
 

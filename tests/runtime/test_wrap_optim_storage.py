@@ -120,7 +120,7 @@ def test_a_checkpoint_of_another_optimizer_is_refused_with_nothing_changed(tmp_p
     params, state = other.state_dict(), oopt.state_dict()
     where = "torch.optim" if saved is torch.optim.AdamW else "heteromem.optim"
     with pytest.raises(hm.CheckpointError, match=(
-            rf"holds the state of a {saved.__name__} optimizer \(state exp_avg .*\), but this "
+            rf"holds the state of an {saved.__name__} optimizer \(state exp_avg .*\), but this "
             rf"model was wrapped with {loading.__name__} .*cannot continue as another's; wrap "
             rf"the model with {where}.{saved.__name__} to load it.*Nothing was loaded")):
         hm.load_checkpoint(tmp_path / "ckpt", other, oopt)

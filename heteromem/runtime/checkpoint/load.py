@@ -159,14 +159,14 @@ def _match_optimizer(root: str, saved: dict, kind) -> None:
     """The saved optimizer is this one: same kind, same state layout."""
     if saved["kind"] != kind.name:
         saved_kind = KINDS[saved["kind"]]
-        raise _refuse(root, f"holds the state of a {saved['kind']} optimizer "
+        raise _refuse(root, f"holds the state of an {saved['kind']} optimizer "
                       f"({_describe(saved_kind)}), but this model was wrapped with "
                       f"{kind.name} ({_describe(kind)}); one optimizer's state cannot continue "
                       "as another's",
                       f"wrap the model with {_constructor(saved_kind)} to load it (or export "
                       "the weights with hm.export_pretrained and start a new optimizer)")
     if saved["state_layout"] != layout_entry(kind):
-        raise _refuse(root, f"records a {kind.name} state layout {saved['state_layout']} that "
+        raise _refuse(root, f"records an {kind.name} state layout {saved['state_layout']} that "
                       f"differs from this heteromem's {layout_entry(kind)}",
                       "load it with the heteromem version that wrote it "
                       "(its manifest names it)")
