@@ -3,7 +3,8 @@
 argv: <config json> <output folder>. Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
 as torchrun sets them; with "no_dist" the run is a single process without torch.distributed.
 Rank 0 writes result.json (the global losses, and what the run saw); ranks write
-report<r>.json; "state_dict" makes rank 0 write the gathered full state dict to params.pt.
+report<r>.json; "state_dict" makes rank 0 write the gathered full state dict to params.pt,
+"optimizer_state" the gathered opt.state_dict() to optimizer.pt.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def main() -> None:
         state = model.state_dict()  # collective: every rank gathers
         if rank == 0:
             torch.save(state, out / "params.pt")
+    if config.get("optimizer_state"):
+        state = opt.state_dict()  # collective too
+        if rank == 0:
+            torch.save(state, out / "optimizer.pt")
     if config.get("export"):
         hm.export_safetensors(out / "model.safetensors", model)
     if rank == 0:
