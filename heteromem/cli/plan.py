@@ -35,6 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "base model frozen")
     parser.add_argument("--trainable", type=float, default=None,
                         help="the trainable fraction of the parameters (the rest frozen)")
+    # NOTE: the choices are the kinds hm.wrap takes over, so they cannot drift from it.
+    from heteromem.runtime.optimizer_kind import KINDS
+
+    parser.add_argument("--optimizer", default="adamw", type=str.lower,
+                        choices=sorted(name.lower() for name in KINDS),
+                        help="the optimizer hm.wrap would take over; it sets the bytes of "
+                             "state per parameter (12 with the fp32 master for adam, adamw "
+                             "and agd; 6.03 for adamw8bit and adam8bit)")
     parser.add_argument("--calibrate", action="store_true",
                         help="measure this machine's figures (CPU Adam, copies, GPU, NVMe with "
                              "--nvme-dir) and store them for later plans")
@@ -57,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                       seq_len=args.seq_len, batch=args.batch,
                       grad_accumulation=args.grad_accumulation,
                       checkpointing=not args.no_checkpointing, chunk_mb=args.chunk_mb,
-                      trainable=args.trainable, lora_rank=args.lora_rank)
+                      trainable=args.trainable, lora_rank=args.lora_rank,
+                      optimizer=args.optimizer)
     except (ValueError, TypeError) as exc:
         print(f"python -m heteromem plan: {exc}")
         return 2

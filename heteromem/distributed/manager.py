@@ -7,7 +7,7 @@ gradient is first gathered locally, as on one rank (in its parameter's device sl
 full-size fp32 accumulation buffer when the chunk is not resident); at the end of each
 backward pass, or when the chunk must leave the device, the local gradients of the chunk are
 summed over ranks in fp32 and scattered, each rank keeping its part in `Chunk.grad_shard`.
-The optimizer then updates each rank's part only (see HeteroAdam).
+The optimizer then updates each rank's part only (see WrappedOptimizer).
 
 Collectives must be issued in the same order on every rank, so the decisions that lead to
 them depend only on the sequence of module calls, which ranks share (`deterministic`), and
@@ -146,11 +146,13 @@ class ShardedChunkManager(ChunkManager):
         return [(slot, part[0]) for slot in chunk.slots
                 if slot.reduced and (part := owned_part(chunk, slot)) is not None]
 
-    def full(self, chunk: Chunk, mine: torch.Tensor) -> torch.Tensor:
+    def full(self, chunk: Chunk, mine: torch.Tensor, elements_per_item: int = 1) -> torch.Tensor:
         """Every rank's part gathered (on the CPU group: a collective, so every rank must ask
-        for the same chunks in the same order)."""
-        out = torch.empty(chunk.used, dtype=mine.dtype)
-        self.comm.gather_host(out, mine[: chunk.host_len], f"gathering chunk {chunk.index}")
+        for the same chunks in the same order). Parts are multiples of the chunk's alignment,
+        so a block-scaled region's part holds whole items."""
+        items = chunk.host_len // elements_per_item
+        out = torch.empty(items * chunk.world, dtype=mine.dtype)
+        self.comm.gather_host(out, mine[:items], f"gathering chunk {chunk.index}")
         return out
 
     def sum_over_ranks(self, value: float) -> float:

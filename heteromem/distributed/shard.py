@@ -1,9 +1,11 @@
 """How chunks are split over ranks: every rank owns one equal, contiguous part of every chunk.
 
-A chunk's element count is padded to a multiple of `world * ALIGN`, so each part starts
-aligned (vector loads in the Adam kernels) and the parts are equal (all-gather and
-reduce-scatter move equal pieces). Parameters may straddle parts: a parameter's elements are
-owned by whichever ranks' parts they fall in.
+A chunk's element count is padded to a multiple of `world * align`, so each part starts
+aligned (vector loads in the optimizer kernels) and the parts are equal (all-gather and
+reduce-scatter move equal pieces). `align` is the chunk's parameter alignment
+(`memory.layout.slot_align`): 256 for the 8-bit optimizers, so a part starts on a block and
+each rank updates whole blocks, exactly those one process would. Parameters may straddle
+parts: a parameter's elements are owned by whichever ranks' parts they fall in.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def shardable_capacity(capacity: int, world: int) -> int:
-    """A chunk capacity whose chunks split into `world` aligned equal parts."""
-    return _round_up(capacity, world * ALIGN)
+def shardable_capacity(capacity: int, world: int, align: int = ALIGN) -> int:
+    """A chunk capacity whose chunks split into `world` equal parts aligned to `align`."""
+    return _round_up(capacity, world * align)
 
 
 def reduce_buffer_bytes(capacity: int, world: int) -> int:
@@ -32,10 +34,10 @@ def reduce_buffer_bytes(capacity: int, world: int) -> int:
     return (capacity + capacity // world) * 4
 
 
-def shard_chunks(chunks: list[Chunk], rank: int, world: int) -> None:
+def shard_chunks(chunks: list[Chunk], rank: int, world: int, align: int = ALIGN) -> None:
     """Pads each chunk and records which part of it this rank owns."""
     for chunk in chunks:
-        chunk.used = _round_up(max(chunk.used, 1), world * ALIGN)
+        chunk.used = _round_up(max(chunk.used, 1), world * align)
         assert chunk.used <= chunk.capacity, "capacity must come from shardable_capacity"
         part = chunk.used // world
         chunk.world, chunk.shard_lo, chunk.shard_hi = world, rank * part, (rank + 1) * part

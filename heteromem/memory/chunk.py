@@ -1,7 +1,8 @@
 """Chunks: fixed-capacity flat buffers of one dtype holding consecutive parameters.
 
-A chunk has a home on the host (the parameters in the compute dtype, plus fp32 master and
-Adam moments when trainable) and, while in use, a copy on the device tier in a slab. Both
+A chunk has a home on the host (the parameters in the compute dtype, plus, when trainable,
+the fp32 master and the optimizer's state regions: `Chunk.layout`, a `StateLayout`, says which
+- Adam's fp32 moments, or 8-bit codes and block scales) and, while in use, a copy on the device tier in a slab. Both
 sides move through states whose allowed transitions are data (`DEVICE_TRANSITIONS`,
 `HOST_TRANSITIONS`), checked on every move, so an illegal move fails at once instead of
 training on wrong data.
@@ -29,6 +30,8 @@ from heteromem.errors import IllegalTransition
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
+
+    from heteromem.optim.layout import StateLayout
 
 
 class DeviceState(enum.Enum):
@@ -99,8 +102,10 @@ class Chunk:
     used: int = 0                # elements occupied, including alignment padding
     host: torch.Tensor | None = None        # parameters (compute dtype) or, briefly, grads
     master: torch.Tensor | None = None      # fp32 master (the host buffer itself in fp32 mode)
-    exp_avg: torch.Tensor | None = None
-    exp_avg_sq: torch.Tensor | None = None
+    # Trainable: the optimizer's state layout, and its regions other than the master (flat,
+    # laid out like the parameters: `layout.views(states, start, n)` covers a run).
+    layout: StateLayout | None = None
+    states: dict[str, torch.Tensor] | None = None
     acc: torch.Tensor | None = None         # fp32 gradient accumulation, allocated on demand
     acc_planned: bool = False    # room for `acc` was reserved on the host tier at wrap
     device_buffer: torch.Tensor | None = None  # storage allocated only while resident
@@ -156,22 +161,28 @@ class Chunk:
         return self.device_buffer[: self.used]
 
     def image_bytes_on_host(self) -> int:
-        """Bytes a host-resident chunk keeps on the host: parameters and (trainable) fp32
+        """Bytes a host-resident chunk keeps on the host: parameters and (trainable) optimizer
         states, the master being the parameter buffer itself in fp32."""
         return self.host_len * self.dtype.itemsize + self.state_bytes()
 
-    def state_bytes(self) -> int:
-        """Bytes of the chunk's optimizer state off the device: fp32 master, exp_avg and
-        exp_avg_sq, the master being the parameter buffer itself in fp32 (0 when frozen)."""
+    def state_bytes(self, numel: int | None = None) -> int:
+        """Bytes of the chunk's optimizer state off the device for `numel` elements (this
+        rank's host buffers by default): the fp32 master and the layout's regions, the
+        master being the parameter buffer itself in fp32 (0 when frozen)."""
         if not self.trainable:
             return 0
-        return self.host_len * (8 if self.dtype == torch.float32 else 12)
+        n = self.host_len if numel is None else numel
+        return self.layout.nbytes(n, master=self.dtype != torch.float32)
+
+    def new_states(self, numel: int, pin: bool) -> dict[str, torch.Tensor]:
+        """Fresh (zero: every optimizer's initial state) host buffers of the layout's regions
+        other than the master, for `numel` elements."""
+        return {r.name: torch.zeros(r.items(numel), dtype=r.dtype, pin_memory=pin)
+                for r in self.layout.state_regions}
 
     def host_bytes(self) -> int:
-        """Host bytes this chunk holds (parameters, and fp32 states when trainable)."""
-        total = self.host.numel() * self.host.element_size() if self.host is not None else 0
-        for t in (self.exp_avg, self.exp_avg_sq, self.acc, self.grad_shard):
-            total += t.numel() * 4 if t is not None else 0
-        if self.master is not None and self.master is not self.host:
-            total += self.master.numel() * 4
-        return total
+        """Host bytes this chunk holds (parameters, and optimizer states when trainable)."""
+        tensors = [self.host, self.acc, self.grad_shard, *(self.states or {}).values()]
+        if self.master is not self.host:
+            tensors.append(self.master)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)

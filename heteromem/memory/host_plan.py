@@ -4,10 +4,11 @@ Every host byte a training run can need is planned here, so that a `host_memory`
 `hm.wrap` accepts holds for the whole run (a larger budget never fails where a smaller one
 works):
 
-- a *host-resident* chunk keeps its parameters (compute dtype), its fp32 optimizer states and
-  room for its fp32 gradient accumulation buffer (allocated only when gradients accumulate or a
-  parameter is used again after its gradient; in fp32 every gradient gathers there), and,
-  sharded, its reduced gradient part;
+- a *host-resident* chunk keeps its parameters (compute dtype), its optimizer states (the fp32
+  master and the regions of the optimizer's `StateLayout`) and room for its fp32 gradient
+  accumulation buffer (allocated only when gradients accumulate or a parameter is used again
+  after its gradient; in fp32 every gradient gathers there), and, sharded, its reduced
+  gradient part;
 - with `nvme_dir`, the chunks that do not fit go to the NVMe tier whole (an image of
   parameters and states per chunk, nvme.py); the host then holds the staging pool that streams
   their states through the optimizer, and a cache of their values and gradients
@@ -27,6 +28,7 @@ import torch
 
 from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk
+from heteromem.memory.layout import state_layout
 from heteromem.memory.nvme import staging_bytes
 
 FP32_BYTES = 4
@@ -85,11 +87,12 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
         raise OutOfMemory(
             "host", total, budget,
             "raise host_memory, or set nvme_dir so the chunks that do not fit go to NVMe "
-            f"(on the host each chunk needs its parameters, fp32 optimizer states and room to "
+            f"(on the host each chunk needs its parameters, optimizer states and room to "
             f"accumulate gradients: {format_bytes(total)} in all)",
             what="the chunks (parameters, optimizer states, gradient accumulation)")
     host_capacity = max(c.host_capacity for c in chunks) if chunks else 0
-    plan.staging_bytes = staging_bytes(host_capacity, staging_slots, dtype)
+    plan.staging_bytes = staging_bytes(host_capacity, staging_slots, dtype,
+                                       state_layout(chunks))
     floor = cache_floor(host_capacity, dtype, chunks_at_once)
     shard_parts = plan.shard_bytes + plan.transient_bytes
     fixed = plan.staging_bytes + floor + shard_parts

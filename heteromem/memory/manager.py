@@ -458,29 +458,32 @@ class ChunkManager:
         if chunk.nvme is not None:
             self.cache.reload(chunk)
             return
-        chunk.host[: chunk.host_len].copy_(self.states(chunk)[0])
+        chunk.host[: chunk.host_len].copy_(self.states(chunk)["master"])
 
-    def states(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A trainable chunk's fp32 master, exp_avg and exp_avg_sq where they live now (host or
-        device tensors). An image on NVMe is read into staging slot 0: the views stay valid
-        until that slot is used again, and `store_image(chunk)` writes changes back."""
+    def states(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+        """A trainable chunk's fp32 master and optimizer state regions by name (``master``
+        first, then its layout's regions), where they live now (host or device tensors). An
+        image on NVMe is read into staging slot 0: the views stay valid until that slot is
+        used again, and `store_image(chunk)` writes changes back."""
         if chunk.nvme is not None:
             image = self.image(chunk)
-            return image.get("master", image["params"]), image["exp_avg"], image["exp_avg_sq"]
-        return chunk.master, chunk.exp_avg, chunk.exp_avg_sq
+            out = {"master": image.get("master", image["params"])}
+            out.update((r.name, image[r.name]) for r in chunk.layout.state_regions)
+            return out
+        return {"master": chunk.master, **chunk.states}
 
     def image(self, chunk: Chunk) -> dict[str, torch.Tensor]:
         """Every tensor of the chunk by region name: params (compute dtype) and, trainable,
-        master (not in fp32, where the params are the master), exp_avg, exp_avg_sq. On NVMe,
-        views into staging slot 0, valid until it is used again (`store_image` writes them
-        back); else the live tensors."""
+        master (not in fp32, where the params are the master) and the optimizer's regions.
+        On NVMe, views into staging slot 0, valid until it is used again (`store_image`
+        writes them back); else the live tensors."""
         if chunk.nvme is not None:
             return self.nvme.load(chunk)
         out = {"params": self.values(chunk)}
         if chunk.trainable:
             if chunk.master is not chunk.host or chunk.states_on_device:
                 out["master"] = chunk.master
-            out.update(exp_avg=chunk.exp_avg, exp_avg_sq=chunk.exp_avg_sq)
+            out.update(chunk.states)
         return out
 
     def store_image(self, chunk: Chunk) -> None:
@@ -505,9 +508,10 @@ class ChunkManager:
             self.cache.ensure(chunk)
         return chunk.host[: chunk.host_len]
 
-    def full(self, chunk: Chunk, mine: torch.Tensor) -> torch.Tensor:
-        """A host tensor of this rank's (`mine`: host_len elements) as the whole chunk,
-        indexable by `slot.range`: itself on one rank."""
+    def full(self, chunk: Chunk, mine: torch.Tensor, elements_per_item: int = 1) -> torch.Tensor:
+        """A host tensor of this rank's (`mine`: a buffer laid out like the chunk, one item
+        per `elements_per_item` of its host_len elements) as the whole chunk, indexable by
+        `slot.range` (by items of it): itself on one rank."""
         return mine
 
     def grad_ranges(self, chunk: Chunk) -> list[tuple[ParamSlot, slice]]:

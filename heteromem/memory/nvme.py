@@ -1,8 +1,9 @@
 """The NVMe tier: everything a chunk owns, in files under `nvme_dir/heteromem-<pid>-<random>/`.
 
 A chunk on this tier has an *image* on disk: its parameters in the compute dtype and, when
-trainable, its fp32 master (unless the parameters are the master, in fp32), exp_avg and
-exp_avg_sq, each region 4096-aligned for O_DIRECT. Images live in fixed-size slots of a pool
+trainable, its fp32 master (unless the parameters are the master, in fp32) and the optimizer's
+state regions (its `StateLayout`: Adam's fp32 moments, or 8-bit codes and their block scales),
+each region 4096-aligned for O_DIRECT. Images live in fixed-size slots of a pool
 file (one pool for trainable chunks, one for frozen ones). The disk holds one image per chunk
 plus a few spare slots: an update reads the chunk's states, writes the whole new image into a
 spare slot and then *commits* by pointing the chunk at that slot, the old one becoming the
@@ -30,7 +31,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -38,10 +39,10 @@ from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.io import IoEngine, IoFile, aligned_empty
 from heteromem.memory.chunk import Chunk
 from heteromem.memory.tiers import Tier
+from heteromem.optim.layout import FP32_MOMENTS, StateLayout
 
 ALIGN = 4096
-STATES = 3  # master (or the fp32 parameters), exp_avg, exp_avg_sq
-MOMENTS = ("exp_avg", "exp_avg_sq")
+VALUES = ("params", "master")  # the regions written at wrap; the optimizer's start as zeros
 ZERO_BLOCK = 8 << 20  # zeros written from a buffer this large when a chunk is placed
 DEFAULT_STAGING_SLOTS = 4
 MIN_STAGING_SLOTS = 2  # one updating while the next is read
@@ -57,56 +58,76 @@ def region_bytes(capacity: int) -> int:
     return aligned(capacity * 4)
 
 
+class ImageRegion(NamedTuple):
+    """One region of an image: where it starts, its dtype, and how many elements of the
+    chunk one of its items covers (256 for a block scale, else 1)."""
+
+    offset: int
+    dtype: torch.dtype
+    elements_per_item: int = 1
+
+    def items(self, elements: int) -> int:
+        return -(-elements // self.elements_per_item)
+
+    def nbytes(self, elements: int) -> int:
+        return self.items(elements) * self.dtype.itemsize
+
+
 @dataclass(frozen=True)
 class ImageLayout:
-    """Where each region of a chunk's image is: name -> (byte offset, dtype)."""
+    """Where each region of a chunk's image is (name -> `ImageRegion`): the parameters, then
+    for a trainable chunk the fp32 master (none in fp32: the parameters are the master) and
+    the regions of `states`, the optimizer's state layout."""
 
     capacity: int
     dtype: torch.dtype
     trainable: bool
+    states: StateLayout = FP32_MOMENTS
 
     @property
-    def regions(self) -> dict[str, tuple[int, torch.dtype]]:
-        names = [("params", self.dtype)]
+    def regions(self) -> dict[str, ImageRegion]:
+        names = [("params", self.dtype, 1)]
         if self.trainable:
             if self.dtype != FP32:
-                names.append(("master", FP32))
-            names += [("exp_avg", FP32), ("exp_avg_sq", FP32)]
+                names.append(("master", FP32, 1))
+            names += [(r.name, r.dtype, r.elements_per_item) for r in self.states.state_regions]
         out, offset = {}, 0
-        for name, dtype in names:
-            out[name] = (offset, dtype)
-            offset += aligned(self.capacity * dtype.itemsize)
+        for name, dtype, per in names:
+            out[name] = ImageRegion(offset, dtype, per)
+            offset += aligned(out[name].nbytes(self.capacity))
         return out
 
     @property
     def nbytes(self) -> int:
-        return sum(aligned(self.capacity * d.itemsize) for _, d in self.regions.values())
+        return sum(aligned(r.nbytes(self.capacity)) for r in self.regions.values())
 
     def state_offset(self) -> int:
         """Where the optimizer's regions start (the fp32 parameters are the master)."""
         regions = self.regions
-        return regions["master" if "master" in regions else "params"][0]
+        return regions["master" if "master" in regions else "params"].offset
 
 
-def image_bytes(capacity: int, dtype: torch.dtype, trainable: bool = True) -> int:
-    return ImageLayout(capacity, dtype, trainable).nbytes
+def image_bytes(capacity: int, dtype: torch.dtype, trainable: bool = True,
+                states: StateLayout = FP32_MOMENTS) -> int:
+    return ImageLayout(capacity, dtype, trainable, states).nbytes
 
 
 def staging_bytes(capacity: int, slots: int = DEFAULT_STAGING_SLOTS,
-                  dtype: torch.dtype = torch.bfloat16) -> int:
-    """Host bytes of a staging pool of `slots` slots: a trainable image plus an fp32
-    gradient region each."""
-    return slots * (image_bytes(capacity, dtype) + region_bytes(capacity))
+                  dtype: torch.dtype = torch.bfloat16, states: StateLayout = FP32_MOMENTS) -> int:
+    """Host bytes of a staging pool of `slots` slots: a trainable image (with the
+    optimizer's `states`) plus an fp32 gradient region each."""
+    return slots * (image_bytes(capacity, dtype, True, states) + region_bytes(capacity))
 
 
 def nvme_disk_bytes(capacity: int, dtype: torch.dtype, trainable: int, frozen: int,
-                    spares: int | None) -> int:
+                    spares: int | None, states: StateLayout = FP32_MOMENTS) -> int:
     """Disk bytes of the image pools for `trainable` and `frozen` chunks plus `spares` spare
-    slots each (None: a spare per chunk)."""
+    slots each (None: a spare per chunk); trainable images hold the optimizer's `states`."""
     total = 0
     for n, t in ((trainable, True), (frozen, False)):
         if n:
-            total += (n + (n if spares is None else spares)) * image_bytes(capacity, dtype, t)
+            total += (n + (n if spares is None else spares)) * image_bytes(capacity, dtype, t,
+                                                                           states)
     return total
 
 
@@ -196,9 +217,11 @@ class StagingSlot:
         self.buffer = aligned_empty(layout.nbytes + region_bytes(layout.capacity), pin=pin)
 
     def view(self, name: str, used: int, layout: ImageLayout | None = None) -> torch.Tensor:
+        """Region `name` for a chunk of `used` elements (its items: a block-scale region
+        holds one per block)."""
         layout = layout or self.layout
-        offset, dtype = layout.regions[name]
-        return self.buffer[offset:offset + used * dtype.itemsize].view(dtype)
+        region = layout.regions[name]
+        return self.buffer[region.offset:region.offset + region.nbytes(used)].view(region.dtype)
 
     def image(self, layout: ImageLayout) -> torch.Tensor:
         return self.buffer[:layout.nbytes]
@@ -209,7 +232,8 @@ class StagingSlot:
 
 class NvmeTier:
     def __init__(self, nvme_dir: str, capacity: int, dtype: torch.dtype, staging_slots: int,
-                 host_tier: Tier, pin: bool, owner: object, spares: int | None) -> None:
+                 host_tier: Tier, pin: bool, owner: object, spares: int | None,
+                 states: StateLayout = FP32_MOMENTS) -> None:
         self.root = os.path.join(nvme_dir, f"heteromem-{os.getpid()}-{secrets.token_hex(4)}")
         os.makedirs(self.root)
         # Removed with the wrapped model, and at interpreter exit (finalize runs atexit too).
@@ -219,7 +243,8 @@ class NvmeTier:
         self.host_tier = host_tier
         self.pin = pin
         self.capacity, self.dtype = capacity, dtype
-        self.layouts = {t: ImageLayout(capacity, dtype, t) for t in (True, False)}
+        self.states = states  # the optimizer's state layout, in every trainable image
+        self.layouts = {t: ImageLayout(capacity, dtype, t, states) for t in (True, False)}
         self.slot_count = staging_slots
         # Spare slots per pool: one per write that can be in flight (None: one per chunk,
         # for steps that commit all at once).
@@ -257,7 +282,7 @@ class NvmeTier:
 
     @property
     def staging_bytes(self) -> int:
-        return staging_bytes(self.capacity, self.slot_count, self.dtype)
+        return staging_bytes(self.capacity, self.slot_count, self.dtype, self.states)
 
     def reserve_staging(self) -> None:
         """Allocates the staging pool (reserved on the host tier) unless it exists."""
@@ -275,16 +300,16 @@ class NvmeTier:
     def staging_views(self, chunk: Chunk) -> dict[str, torch.Tensor]:
         """Staging slot 0 laid out as the chunk's values (params and, trainable, the master),
         to be filled, gaps included, and then written by `place_staged` (hold `staging_lock`
-        across both). The moments are not staged: they start as zeros."""
+        across both). The optimizer's regions are not staged: they start as zeros."""
         self.reserve_staging()
         layout = self.layouts[chunk.trainable]
         staging = self.slots[0]
         return {name: staging.view(name, chunk.host_len, layout) for name in layout.regions
-                if name not in MOMENTS}
+                if name in VALUES}
 
     def place_staged(self, chunk: Chunk) -> None:
-        """Gives `chunk` an image holding what `staging_views` returned, and zero moments
-        (written from one small zeroed buffer: a wrap touches only the values' pages)."""
+        """Gives `chunk` an image holding what `staging_views` returned, and zero optimizer
+        state (written from one small zeroed buffer: a wrap touches only the values' pages)."""
         layout = self.layouts[chunk.trainable]
         staging = self.slots[0]
         pool = self._pool_of(chunk)
@@ -292,9 +317,9 @@ class NvmeTier:
         base = pool.offset(slot)
         tickets = []
         try:
-            for name, (offset, dtype) in layout.regions.items():
-                nbytes = aligned(self.capacity * dtype.itemsize)
-                if name not in MOMENTS:
+            for name, region in layout.regions.items():
+                offset, nbytes = region.offset, aligned(region.nbytes(self.capacity))
+                if name in VALUES:
                     tickets.append(self.engine.submit_write(
                         pool.file, base + offset, staging.buffer[offset:offset + nbytes]))
                     continue

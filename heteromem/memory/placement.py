@@ -1,11 +1,12 @@
 """Placement: which chunks keep their optimizer state on the device.
 
 Decided once, when the first iteration has ended (so the order of use is known and chunks are
-packed in it): in forward order, a trainable chunk moves its fp32 master and Adam moments to
-the device, and stays resident there, as long as the device budget still holds those states,
+packed in it): in forward order, a trainable chunk moves its fp32 master and optimizer states
+(the regions of its `StateLayout`) to the device, and stays resident there, as long as the device budget still holds those states,
 the model's buffers, the chunks kept on the device, and - unless every chunk became resident -
 the slabs paging needs (the largest module's chunks plus prefetch). Such a chunk is updated
-on the device (GPU Adam) without any copy; the others are updated on the host (CPU Adam).
+on the device (the optimizer's CUDA kernel) without any copy; the others are updated on the
+host (its CPU kernel).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from heteromem.memory.chunk import Chunk
 from heteromem.memory.manager import PREFETCH_CHUNKS, ChunkManager
 
-STATE_BYTES_PER_ELEM = 12  # fp32 master + exp_avg + exp_avg_sq
 # Planned, not reserved up front: the fp32 gradient accumulation buffer such a chunk allocates
 # on the device if gradients are accumulated or a parameter is reused after its gradient.
 ACC_BYTES_PER_ELEM = 4
@@ -34,7 +34,7 @@ def plan_device_states(manager: ChunkManager, working_set_chunks: int,
     states = 0
     for chunk in trainable:
         candidate = chosen + [chunk]
-        candidate_states = states + chunk.used * (STATE_BYTES_PER_ELEM + ACC_BYTES_PER_ELEM)
+        candidate_states = states + device_state_bytes(chunk) + chunk.used * ACC_BYTES_PER_ELEM
         slabs = kept + sum(1 for c in candidate if not c.keep_on_device)
         everything_resident = len(candidate) == len(trainable) and frozen_paged == 0
         needed = fixed_bytes + slabs * slab + candidate_states + (0 if everything_resident else paging)
@@ -44,18 +44,26 @@ def plan_device_states(manager: ChunkManager, working_set_chunks: int,
     return chosen
 
 
+def device_state_bytes(chunk: Chunk) -> int:
+    """Device bytes of a chunk's optimizer state there: its master (a copy of its own even
+    in fp32, where the device copy of the parameters is paged separately) and regions."""
+    return chunk.layout.nbytes(chunk.used)
+
+
 def promote(manager: ChunkManager, chunk: Chunk) -> None:
     """Moves a chunk's optimizer state to the device and keeps its parameters resident."""
     manager.wait_updates()
     chunk.keep_on_device = True
     manager.release(manager.acquire(chunk.slots))
-    nbytes = chunk.used * STATE_BYTES_PER_ELEM
+    nbytes = device_state_bytes(chunk)
     manager.make_room(nbytes, f"optimizer state of chunk {chunk.index}")
     manager.device_tier.reserve(nbytes, f"optimizer state of chunk {chunk.index}",
                                 advice="raise device_memory")
     # copy=True: the master must not stay the host buffer (fp32), nor a staging view (NVMe).
-    chunk.master, chunk.exp_avg, chunk.exp_avg_sq = (
-        t.to(manager.device, copy=True) for t in manager.states(chunk))
+    states = {name: t.to(manager.device, copy=True)
+              for name, t in manager.states(chunk).items()}
+    chunk.master = states.pop("master")
+    chunk.states = states
     if chunk.nvme is not None:
         # Its image and host cache buffer are no longer needed: the device copy is home now.
         manager.nvme.drop(chunk)

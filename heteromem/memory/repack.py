@@ -3,8 +3,8 @@
 `hm.wrap` packs parameters in registration order before anything has run. The first
 iteration records the order in which modules actually use them; if it differs, the chunks
 are rebuilt once, between iterations, so that consecutive chunks serve consecutive modules
-(fewer chunks per module, better prefetching). Values, fp32 masters, Adam moments and step
-counts move with their parameters; nothing else changes.
+(fewer chunks per module, better prefetching). Values, fp32 masters, optimizer states and
+step counts move with their parameters; nothing else changes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from heteromem.memory.chunk import Chunk, HostState, ParamSlot
 from heteromem.memory.host_plan import resident_bytes
-from heteromem.memory.layout import pack
+from heteromem.memory.layout import pack, state_layout
 from heteromem.memory.manager import ChunkManager
 from heteromem.memory.tracer import Trace
 
@@ -50,7 +50,7 @@ def repack(manager: ChunkManager, order: list[ParamSlot],
     slots = order + [s for c in old_chunks for s in c.slots if id(s) not in seen]
     capacity, dtype = old_chunks[0].capacity, old_chunks[0].dtype
     new_chunks = pack([(s.name, s.param, s.shape) for s in slots], capacity, dtype,
-                      {id(s.param): s.group for s in slots})
+                      {id(s.param): s.group for s in slots}, state_layout(old_chunks))
     new_by_param = {id(s.param): s for c in new_chunks for s in c.slots}
     old_by_param = {id(s.param): s for s in slots}
     # The last new chunk that takes a parameter from each old chunk: it can go after that.
@@ -86,8 +86,7 @@ def repack(manager: ChunkManager, order: list[ParamSlot],
         if chunk.trainable:
             chunk.master = chunk.host if fp32 else torch.zeros(chunk.used, dtype=torch.float32,
                                                                pin_memory=pin)
-            chunk.exp_avg = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
-            chunk.exp_avg_sq = torch.zeros(chunk.used, dtype=torch.float32, pin_memory=pin)
+            chunk.states = chunk.new_states(chunk.used, pin)
         with torch.no_grad():
             for new in chunk.slots:
                 old = old_by_param[id(new.param)]
@@ -96,13 +95,16 @@ def repack(manager: ChunkManager, order: list[ParamSlot],
                 if chunk.trainable:
                     if not fp32:
                         chunk.master[new.range].copy_(src.master[old.range])
-                    chunk.exp_avg[new.range].copy_(src.exp_avg[old.range])
-                    chunk.exp_avg_sq[new.range].copy_(src.exp_avg_sq[old.range])
+                    # Both offsets are multiples of the layout's alignment, so a block-scaled
+                    # region moves whole blocks (the scale with its codes).
+                    for region in chunk.layout.state_regions:
+                        to = region.item_slice(new.offset, new.offset + new.numel)
+                        frm = region.item_slice(old.offset, old.offset + old.numel)
+                        chunk.states[region.name][to].copy_(src.states[region.name][frm])
         for old_chunk in old_chunks:
             if last_use.get(old_chunk.index) == k:
                 manager.host_tier.release(host_reservation(old_chunk))
-                old_chunk.host = old_chunk.master = old_chunk.exp_avg = None
-                old_chunk.exp_avg_sq = old_chunk.acc = None
+                old_chunk.host = old_chunk.master = old_chunk.states = old_chunk.acc = None
     manager.chunks = new_chunks
     manager.trace = Trace()
     for chunk in new_chunks:

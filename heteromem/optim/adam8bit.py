@@ -40,9 +40,10 @@ class AdamW8bit(FusedOptimizer):
                  weight_decay: float = 1e-2) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        super()._check_group(group)
-        check_real(self._name(), "eps", group["eps"], low=0.0)
+    @classmethod
+    def check_group(cls, group: Mapping[str, Any]) -> None:
+        super().check_group(group)
+        check_real(cls._name(), "eps", group["eps"], low=0.0)
 
     @classmethod
     def update_(cls, group: Mapping[str, Any], step: int, param: torch.Tensor,

@@ -45,9 +45,10 @@ class AGD(FusedOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, delta=delta,
                                       weight_decay=weight_decay))
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        super()._check_group(group)
-        check_real(self._name(), "delta", group["delta"], low=0.0)
+    @classmethod
+    def check_group(cls, group: Mapping[str, Any]) -> None:
+        super().check_group(group)
+        check_real(cls._name(), "delta", group["delta"], low=0.0)
 
     @classmethod
     def update_(cls, group: Mapping[str, Any], step: int, param: torch.Tensor,

@@ -1,7 +1,7 @@
 """The base of heteromem's optimizers: a ``torch.optim.Optimizer`` whose step is one fused op
 call per parameter over flat buffers, and whose state is described by a ``StateLayout``.
 
-A subclass sets ``layout``, validates its hyper-parameters in ``_check_group`` and
+A subclass sets ``layout``, validates its hyper-parameters in ``check_group`` and
 implements ``update_``, the one call that updates a contiguous run of parameters given its
 group, its step count and its state regions. The standalone ``step`` calls it once per
 parameter; hm.wrap calls it once per contiguous run of a chunk with the regions' chunk
@@ -28,23 +28,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     layout: ClassVar[StateLayout]
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        self._check_group(defaults)
+        self.check_group(defaults)
         super().__init__(params, defaults)
 
     @classmethod
     def _name(cls) -> str:
         return cls.__name__
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        """Raises TypeError/ValueError naming a bad hyper-parameter of `group`."""
-        name = self._name()
+    @classmethod
+    def check_group(cls, group: Mapping[str, Any]) -> None:
+        """Raises TypeError/ValueError naming a bad hyper-parameter of `group` (a class
+        method: hm.wrap checks the groups it took over before every step, with no instance)."""
+        name = cls._name()
         check_real(name, "lr", group["lr"], low=0.0)
         check_betas(name, group["betas"])
         check_real(name, "weight_decay", group["weight_decay"], low=0.0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        self.check_group(self.param_groups[-1])
 
     @classmethod
     def update_(cls, group: Mapping[str, Any], step: int, param: torch.Tensor,

@@ -47,6 +47,19 @@ class StateRegion:
         """Bytes this region takes for `numel` parameter elements."""
         return self.items(numel) * torch.empty((), dtype=self.dtype).element_size()
 
+    def item_slice(self, start: int, stop: int) -> slice:
+        """The items holding elements ``[start, stop)`` of a buffer laid out like the
+        parameters (a chunk's, a checkpoint part's); `start` must begin an item.
+
+        Raises:
+            ValueError: `start` is inside an item.
+        """
+        if start % self.elements_per_item:
+            raise ValueError(f"region {self.name!r}: elements from {start} do not begin an item "
+                             f"of {self.elements_per_item}; ranges of block-scaled state must "
+                             f"start at multiples of {self.elements_per_item}")
+        return slice(start // self.elements_per_item, self.items(stop))
+
 
 @dataclass(frozen=True)
 class StateLayout:

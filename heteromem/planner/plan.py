@@ -5,8 +5,11 @@ GPU or 1T parameters on 8 GPUs as readily as a toy.
 The placement follows what `hm.wrap` does: chunks page through a device working set; the
 device memory left after the working set and the activations holds optimizer states of whole
 chunks (updated on the GPU, no copies); the other chunks stay on the host (parameters, states,
-room to accumulate gradients; CPU Adam) and what the host cannot hold goes to NVMe whole, one
-copy plus a few spare slots, while the host keeps a staging pool and a cache for them. Frozen
+room to accumulate gradients; the optimizer's CPU step) and what the host cannot hold goes to
+NVMe whole, one copy plus a few spare slots, while the host keeps a staging pool and a cache
+for them. The optimizer (`optimizer=`) sets the bytes of state per parameter: 12 for Adam,
+AdamW and AGD (fp32 master and two fp32 moments; 8 in fp32, where the parameter is the
+master), 6.03 for AdamW8bit and Adam8bit (8-bit moments and a scale per 256). Frozen
 parameters (LoRA: `lora_rank`, or `trainable`) have no gradients or states. With several GPUs
 the state is sharded: each rank holds 1/N of it, and the host (one node) holds all ranks'
 shares.
@@ -27,6 +30,7 @@ from heteromem.memory.nvme import staging_bytes
 from heteromem.memory.sizes import parse_size
 from heteromem.planner.figures import GPUS, Figures, load_figures
 from heteromem.planner.models import ModelSpec, describe_model
+from heteromem.runtime.optimizer_kind import KINDS, OptimizerKind
 from heteromem.runtime.wrap import chunk_capacity
 
 GiB = 2**30
@@ -61,6 +65,10 @@ class Plan:
     figures: Figures
     notes: list[str] = field(default_factory=list)
     trainable_params: int | None = None  # (the rest frozen: LoRA, trainable=)
+    optimizer: str = "AdamW"             # the optimizer kind planned for (as wrap names it)
+    # Bytes of optimizer state per trainable parameter on the host or NVMe: the fp32 master
+    # and the optimizer's regions (in fp32 the parameter is the master and is not counted).
+    state_bytes_per_param: float = 12.0
 
     @property
     def step_time_lower_bound(self) -> float:
@@ -69,7 +77,8 @@ class Plan:
     def __str__(self) -> str:
         m = self.model
         lines = [f"model      {m.name}: {m.params / 1e9:.3f}B parameters, {self.gpus} GPU(s), "
-                 f"{str(self.dtype).removeprefix('torch.')}",
+                 f"{str(self.dtype).removeprefix('torch.')}, {self.optimizer} "
+                 f"({self.state_bytes_per_param:.4g} bytes of state a parameter)",
                  "fits       " + ("yes" if self.fits else
                                   f"NO: the {self.overflow[0]} tier is short by "
                                   f"{format_bytes(self.overflow[1])}"),
@@ -105,12 +114,16 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
          gpus: int = 1, dtype: torch.dtype = torch.bfloat16, seq_len: int = 2048,
          batch: int = 1, grad_accumulation: int = 1, checkpointing: bool = True,
          chunk_mb: float | None = None, figures: Figures | None = None,
-         trainable: float | None = None, lora_rank: int | None = None) -> Plan:
+         trainable: float | None = None, lora_rank: int | None = None,
+         optimizer: str = "adamw") -> Plan:
     """Plans training `model` (preset name, transformers config or config.json path, torch
     module, or `params=N`) on `gpus` GPUs of `gpu_memory` each (or a named `gpu`), a host
     with `host_memory` and optionally `nvme` bytes of disk. Sizes are ints or strings
     ("24GiB"). `batch` is sequences per GPU per micro-batch. `trainable` (a fraction) or
-    `lora_rank` (adapters on every linear layer) plan fine-tuning with the rest frozen."""
+    `lora_rank` (adapters on every linear layer) plan fine-tuning with the rest frozen.
+    `optimizer` names the optimizer hm.wrap would take over ("adam", "adamw", "agd",
+    "adamw8bit", "adam8bit"; any case): its state's bytes per parameter."""
+    kind = optimizer_kind(optimizer)
     m = describe_model(model, params=params)
     if gpu is not None:
         if gpu.lower() not in GPUS:
@@ -154,13 +167,17 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     # Trainable and frozen parameters (LoRA: the adapters train, the base model is frozen).
     train, frozen, total = _trainable(m, trainable, lora_rank)
     # Optimizer state per trainable parameter: fp32 master (the parameter itself in fp32) and
-    # 2 moments; host-resident chunks keep room to accumulate their fp32 gradients.
-    state_elem = 8 if dtype == torch.float32 else 12
+    # the optimizer's regions (2 fp32 moments; 8-bit codes and block scales); host-resident
+    # chunks keep room to accumulate their fp32 gradients. On the device a chunk's master is
+    # a copy of its own even in fp32 (its parameters are paged apart).
+    state_elem = kind.layout.bytes_per_param(master=dtype != torch.float32)
+    device_state_elem = kind.layout.bytes_per_param()
     rank_train = math.ceil(train / gpus)
     left = max(0, gpu_mem - device_fixed)
     # A chunk keeping its state on the device also stays resident: its parameters count too.
     # Sharded, every rank's part of the states stays on the host (as hm.wrap does).
-    on_device = min(rank_train, left // (state_elem + elem)) if left >= chunk_bytes else 0
+    on_device = (min(rank_train, int(left // (device_state_elem + elem)))
+                 if left >= chunk_bytes else 0)
     on_device = on_device // chunk_elems * chunk_elems if on_device < rank_train else on_device
     if gpus > 1:
         on_device = 0
@@ -173,9 +190,9 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     per_train = elem + state_elem + 4
     # (A chunk whose states went to the device keeps its parameters' host buffer too.)
     kept_params = on_device * gpus * elem
-    resident_all = off_device * per_train + frozen * elem
+    resident_all = math.ceil(off_device * per_train) + frozen * elem
     transient = (working + 1) * chunk_elems * 4 * gpus if gpus > 1 else 0
-    staging = staging_bytes(rank_chunk, 4, dtype) * gpus
+    staging = staging_bytes(rank_chunk, 4, dtype, kind.layout) * gpus
     cache = cache_floor(rank_chunk, dtype, working) * gpus
     on_host_fraction = 1.0
     nvme_fixed = 0
@@ -185,30 +202,35 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
         nvme_fixed = staging + cache
         room = host - nvme_fixed - transient - kept_params
         on_host_fraction = max(0.0, min(1.0, room / resident_all)) if resident_all else 1.0
-    nvme_train = round(off_device * (1 - on_host_fraction))
-    nvme_frozen = round(frozen * (1 - on_host_fraction))
+    # Rounded up: the host keeps at most its share, so a plan that fits never needs more host
+    # memory than it has, not even by the bytes of a rounded fraction.
+    nvme_train = math.ceil(off_device * (1 - on_host_fraction))
+    nvme_frozen = math.ceil(frozen * (1 - on_host_fraction))
     host_train, host_frozen = off_device - nvme_train, frozen - nvme_frozen
-    image = nvme_train * (elem + state_elem) + nvme_frozen * elem
-    spares = (4 * chunk_elems * (elem + state_elem)) if image else 0
+    image = math.ceil(nvme_train * (elem + state_elem)) + nvme_frozen * elem
+    spares = math.ceil(4 * chunk_elems * (elem + state_elem)) if image else 0
+    on_device_bytes = math.ceil(on_device * (device_state_elem + elem))
+    host_states = math.ceil(host_train * state_elem)
     tiers = {
-        "device": TierPlan(gpu_mem, device_fixed + on_device * (state_elem + elem), dict(
+        "device": TierPlan(gpu_mem, device_fixed + on_device_bytes, dict(
             **{"working set": working * chunk_bytes, "activations": acts,
                "gradient reduction": reduce,
-               "CUDA reserve": CUDA_RESERVE, "states kept on GPU": on_device * (state_elem + elem)})),
-        "host": TierPlan(host, host_train * per_train + host_frozen * elem + transient
-                         + kept_params + (nvme_fixed if image else 0), {
+               "CUDA reserve": CUDA_RESERVE, "states kept on GPU": on_device_bytes})),
+        "host": TierPlan(host, host_train * (elem + 4) + host_states + host_frozen * elem
+                         + transient + kept_params + (nvme_fixed if image else 0), {
             "parameters": (host_train + host_frozen) * elem + kept_params,
-            "optimizer states": host_train * state_elem,
+            "optimizer states": host_states,
             "fp32 gradients": host_train * 4 + transient,
             "NVMe staging": staging if image else 0,
-            "host cache of NVMe chunks": max(0, host - host_train * per_train - host_frozen * elem
-                                             - transient - kept_params - staging)
+            "host cache of NVMe chunks": max(0, host - host_train * (elem + 4) - host_states
+                                             - host_frozen * elem - transient - kept_params
+                                             - staging)
             if image else 0}),
         "nvme": TierPlan(disk, image + spares, {"parameters and optimizer states (one copy)": image,
                                                 "spare slots": spares}),
     }
     overflow = None
-    if tiers["device"].needed - on_device * (state_elem + elem) > gpu_mem:
+    if tiers["device"].needed - on_device_bytes > gpu_mem:
         overflow = ("device", device_fixed - gpu_mem)
         notes.append("the device cannot hold the working set and activations: lower batch or "
                      "seq_len, use activation checkpointing, or a smaller chunk_mb")
@@ -234,6 +256,10 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     nvme_read = ((nvme_train + nvme_frozen) * elem * 2 * grad_accumulation
                  + nvme_train * (elem + state_elem))
     nvme_write = nvme_train * (elem + elem + state_elem)
+    # NOTE: one calibrated CPU rate, Adam's (plan --calibrate measures only it), for every
+    # optimizer: AGD measured within 5% of Adam's time, the 8-bit step at 0.96-1.19x Adam's
+    # speed on 2 cores (docs/optim.md), so Adam's rate is the honest figure we have.
+    cpu_step = "CPU Adam" if kind.name in ("Adam", "AdamW") else f"CPU {kind.name}"
     step = {
         "GPU compute": flops / (fig.gpu_tflops * 1e12),
         "host->GPU copies": 2 * paged * elem * grad_accumulation / (fig.h2d_gbps * 1e9),
@@ -244,16 +270,28 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
         # and again for backward, and of the fp32 gradients reduce-scattered.
         "collectives": (gpus - 1) / gpus * (total * 2 * elem + train * 4) * grad_accumulation
         / (fig.comm_gbps * 1e9),
-        "CPU Adam": off_device / (fig.cpu_adam_gparams * 1e9),
+        cpu_step: off_device / (fig.cpu_adam_gparams * 1e9),
         "NVMe": nvme_read / (fig.nvme_read_gbps * 1e9) + nvme_write / (fig.nvme_write_gbps * 1e9),
     }
     if frozen:
         notes.append(f"{frozen / 1e9:.3f}B frozen parameters (no gradients, no optimizer state), "
                      f"{train / 1e9:.3f}B trainable")
     bound = max(step, key=step.get)
+    if cpu_step != "CPU Adam":
+        notes.append(f"the {kind.name} CPU step is taken at the calibrated Adam rate")
     return Plan(m, gpus, dtype, overflow is None, overflow, tiers, chunk_bytes, working,
                 {"device": on_device * gpus, "host": host_train, "nvme": nvme_train}, step,
-                bound, fig, notes, trainable_params=train)
+                bound, fig, notes, trainable_params=train, optimizer=kind.name,
+                state_bytes_per_param=state_elem)
+
+
+def optimizer_kind(name: object) -> OptimizerKind:
+    """The optimizer kind `name` names ("adamw", "AdamW8bit", ...: any case)."""
+    by_lower = {k.lower(): v for k, v in KINDS.items()}
+    if not isinstance(name, str) or name.lower() not in by_lower:
+        raise ValueError(f"hm.plan: unknown optimizer {name!r}; use one of "
+                         f"{sorted(by_lower)}")
+    return by_lower[name.lower()]
 
 
 def _trainable(m: ModelSpec, trainable: float | None, lora_rank: int | None

@@ -28,11 +28,11 @@ from heteromem.errors import StepInBackwardError
 from heteromem.memory.chunk import ParamSlot
 
 if TYPE_CHECKING:
-    from heteromem.runtime.optimizer import HeteroAdam
+    from heteromem.runtime.optimizer import WrappedOptimizer
 
 
 class StepInBackward:
-    def __init__(self, optimizer: HeteroAdam) -> None:
+    def __init__(self, optimizer: WrappedOptimizer) -> None:
         self.optimizer = optimizer
         # id(slot) -> gradients received: in the last step (the expectation), in this one.
         self._expected: dict[int, int] = {}

@@ -4,7 +4,8 @@ torch's optimizers refuse impossible values in their constructor but not after a
 scheduler) edits `param_groups`; a value the fused update cannot take would then fail in the
 middle of a step. heteromem checks every param group when wrapping and again at the start of
 every `opt.step()`, before any chunk changes, so a bad value is reported with the group and
-key to fix, and the step can be taken again once it is fixed.
+key to fix, and the step can be taken again once it is fixed. (The checks of
+`heteromem.optim`'s optimizers are their classes' `check_group`; optimizer_kind.py picks.)
 """
 
 from __future__ import annotations
@@ -44,9 +45,3 @@ def check_adam_group(group: dict, where: str) -> None:
     wd = _number(where, "weight_decay", group["weight_decay"])
     _check(where, "weight_decay", group["weight_decay"], math.isfinite(wd) and wd >= 0,
            "a finite number >= 0")
-
-
-def check_param_groups(groups: list[dict], what: str) -> None:
-    """Every group of an Adam/AdamW optimizer; `what` names the caller in the message."""
-    for i, group in enumerate(groups):
-        check_adam_group(group, f"{what}: param group {i}")

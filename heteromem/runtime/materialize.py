@@ -72,8 +72,7 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
         _write_values(chunk, source, chunk.host, master)
         if chunk.trainable:
             chunk.master = master
-            chunk.exp_avg = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
-            chunk.exp_avg_sq = torch.zeros(chunk.host_len, dtype=torch.float32, pin_memory=pin)
+            chunk.states = chunk.new_states(chunk.host_len, pin)
 
 
 def _write_values(chunk: Chunk, source: Source, params: torch.Tensor,

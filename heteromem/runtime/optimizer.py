@@ -1,7 +1,8 @@
-"""The optimizer `hm.wrap` returns: Adam/AdamW over chunks, pipelined with the next forward.
+"""The optimizer `hm.wrap` returns: the optimizer it took over (torch's Adam/AdamW or one of
+`heteromem.optim`'s, its `OptimizerKind`) running over chunks, pipelined with the next forward.
 
 `step()` first knows the global gradient norm (clipping, fp16 overflow) because every gradient
-is home by then; it then queues one fused Adam update per chunk, in the order the forward
+is home by then; it then queues one fused update per chunk (chunk_update.py), in the order the forward
 uses the chunks, on a worker thread, and returns. The next forward's hooks wait only for the
 chunks they need, so the first layers compute while later chunks are still being updated.
 Hyper-parameters are read from `param_groups` when `step()` is called, so LR schedulers work.
@@ -26,14 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-import heteromem.ops as hm_ops
 from heteromem.errors import NotWrappedError, UpdateError, storage_error
-from heteromem.memory.chunk import Chunk, DeviceState, HostState, ParamSlot
+from heteromem.memory.chunk import Chunk, HostState, ParamSlot
 from heteromem.memory.manager import ChunkManager
+from heteromem.runtime import optimizer_state
 from heteromem.runtime.backward_step import StepInBackward
-from heteromem.runtime.hyperparams import check_param_groups
+from heteromem.runtime.chunk_update import (Run, RunsFailed, apply_to_staging,
+                                            finish_nvme_chunk, update_chunk, update_nvme_chunk)
+from heteromem.runtime.optimizer_kind import OptimizerKind
 from heteromem.runtime.scaler import LossScaler
-from heteromem.runtime.speculation import Snapshot, Speculation, put_back, take
+from heteromem.runtime.speculation import Snapshot, Speculation, put_back
 from heteromem.runtime.update_queue import UpdateQueue
 
 
@@ -49,43 +52,23 @@ class _Launch:
     slots: list[tuple[ParamSlot, str | None, bool, slice | None]]  # slot, grad_loc, reduced, range
 
 
-class _RunsFailed(Exception):
-    """Raised by a chunk's update (worker thread) when run `done` failed: runs before it were
-    applied whole, that one and those after it not at all."""
+class WrappedOptimizer(torch.optim.Optimizer):
+    """The optimizer hm.wrap took over (`kind`: Adam, AdamW, AGD, AdamW8bit or Adam8bit),
+    its state living in heteromem chunks.
 
-    def __init__(self, done: int, cause: BaseException) -> None:
-        super().__init__(f"{done} run(s) applied before {cause!r}")
-        self.done, self.cause = done, cause
-
-
-@dataclass(frozen=True)
-class _Run:
-    """Consecutive slots of one chunk updated by one fused call."""
-
-    start: int
-    end: int
-    step: int
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
-
-
-class HeteroAdam(torch.optim.Optimizer):
-    """Adam (`adamw=False`) or AdamW whose state lives in heteromem chunks.
-
-    Use it like the torch optimizer it replaced: `step()`, `zero_grad()`, `param_groups`, LR
-    schedulers. For fp16, call `opt.backward(loss)` to apply dynamic loss scaling.
+    Use it like the optimizer it replaced: `step()`, `zero_grad()`, `param_groups`, LR
+    schedulers, `state_dict()` (in that optimizer's own format). For fp16, call
+    `opt.backward(loss)` to apply dynamic loss scaling.
     """
 
     def __init__(self, param_groups: list[dict], manager: ChunkManager, slots: list[ParamSlot],
-                 *, adamw: bool, max_grad_norm: float | None, scaler: LossScaler | None,
-                 step_in_backward: bool = False) -> None:
-        defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        super().__init__(param_groups, defaults)
+                 *, kind: OptimizerKind, max_grad_norm: float | None,
+                 scaler: LossScaler | None, step_in_backward: bool = False,
+                 defaults: dict | None = None) -> None:
+        super().__init__(param_groups, dict(kind.defaults if defaults is None else defaults))
         self.manager = manager
         self.slots = slots
-        self.adamw = adamw
+        self.kind = kind
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self._grads_scaled_by = 1.0
@@ -144,7 +127,8 @@ class HeteroAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            check_param_groups(self.param_groups, "opt.step()")
+            for i, group in enumerate(self.param_groups):
+                self.kind.check_group(group, f"opt.step(): param group {i}")
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{exc}. Nothing was updated and the gradients are kept: fix "
                             "opt.param_groups and call opt.step() again") from None
@@ -206,15 +190,15 @@ class HeteroAdam(torch.optim.Optimizer):
         manager = self.manager
 
         def update(c: Chunk, staging) -> None:
-            _apply_to_staging(c, sources.get(id(c)), runs[id(c)], grad_scale, self.adamw,
-                              staging)
+            apply_to_staging(c, sources.get(id(c)), runs[id(c)], grad_scale, self.kind,
+                             staging)
 
         def committed(c: Chunk, staging) -> None:
             self._count_step(c)
-            _finish_nvme_chunk(c, sources.get(id(c)), staging, manager)
+            finish_nvme_chunk(c, sources.get(id(c)), staging, manager)
         try:
             manager.nvme.step(chunks, update, committed, agree=manager.agree_nvme)
-        except (OSError, _RunsFailed) as err:
+        except (OSError, RunsFailed) as err:
             self._nvme_failed(err, grad_scale)
 
     def _unclipped_scale(self) -> float:
@@ -370,7 +354,7 @@ class HeteroAdam(torch.optim.Optimizer):
                 slot.step += 1
             slot.grad_loc, slot.reduced = None, False
 
-    def _launch(self, chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
+    def _launch(self, chunk: Chunk, source: torch.Tensor, runs: list[Run], grad_scale: float,
                 landed: object = None, snapshot: Snapshot | None = None) -> None:
         """Starts the update of a host- or device-state chunk (not NVMe): its step counts move
         on and its gradients are taken. `landed`: the CUDA event of the copy that brought its
@@ -384,14 +368,14 @@ class HeteroAdam(torch.optim.Optimizer):
             # Read, update, write and commit its image on the worker (the host buffer holding
             # its gradients stays put: the host cache does not evict a chunk in UPDATING).
             self._launched[id(chunk)] = launch
-            chunk.update = self._worker.submit(self._priority(chunk), _update_nvme_chunk,
-                                               chunk, source, runs, grad_scale, self.adamw,
+            chunk.update = self._worker.submit(self._priority(chunk), update_nvme_chunk,
+                                               chunk, source, runs, grad_scale, self.kind,
                                                landed, self.manager)
         elif chunk.states_on_device:
-            # GPU Adam, queued on the current stream: nothing to wait for on the host.
+            # The CUDA kernel, queued on the current stream: nothing to wait for on the host.
             try:
-                _update_chunk(chunk, source, runs, grad_scale, self.adamw)
-            except _RunsFailed as exc:
+                update_chunk(chunk, source, runs, grad_scale, self.kind)
+            except RunsFailed as exc:
                 self._roll_back(launch, exc.done)
                 raise self._failure(chunk, exc.cause) from exc.cause
         else:
@@ -400,16 +384,16 @@ class HeteroAdam(torch.optim.Optimizer):
             self._launched[id(chunk)] = launch
             if snapshot is not None:
                 snapshot.launch = launch
-            chunk.update = self._worker.submit(self._priority(chunk), _update_chunk, chunk,
-                                               source, runs, grad_scale, self.adamw, landed,
+            chunk.update = self._worker.submit(self._priority(chunk), update_chunk, chunk,
+                                               source, runs, grad_scale, self.kind, landed,
                                                snapshot)
 
     def _update_failed(self, chunk: Chunk, exc: BaseException) -> None:
         """Called on the training thread by the manager when it finds that the update of
         `chunk` on the worker failed: puts back what that update did not do, and raises."""
         launch = self._launched.pop(id(chunk))
-        done = exc.done if isinstance(exc, _RunsFailed) else 0
-        cause = exc.cause if isinstance(exc, _RunsFailed) else exc
+        done = exc.done if isinstance(exc, RunsFailed) else 0
+        cause = exc.cause if isinstance(exc, RunsFailed) else exc
         snap = self._speculation.snapshots.pop(id(chunk), None) if self._speculation else None
         if snap is None:
             self._roll_back(launch, done)
@@ -484,7 +468,7 @@ class HeteroAdam(torch.optim.Optimizer):
             "the last opt.step() did not finish (see the error it raised): call opt.step() to "
             "finish it, or opt.zero_grad() to drop its remaining gradients, before the next "
             "forward")
-        if isinstance(err, _RunsFailed):
+        if isinstance(err, RunsFailed):
             raise UpdateError(
                 f"heteromem: the optimizer step failed: {type(err.cause).__name__}: "
                 f"{err.cause}. The chunks not yet updated keep their parameters, optimizer "
@@ -563,149 +547,38 @@ class HeteroAdam(torch.optim.Optimizer):
         total = sum(torch.stack(v).sum().item() for v in squares.values())
         return math.sqrt(self.manager.sum_over_ranks(total))
 
-    def _runs(self, chunk: Chunk) -> list[_Run]:
+    def _runs(self, chunk: Chunk) -> list[Run]:
         """The fused calls updating the slots that have a gradient (steps are counted once
         the update is committed, in `step`)."""
-        runs: list[_Run | None] = []
+        runs: list[Run | None] = []
         ranges = {id(slot): sl for slot, sl in self.manager.grad_ranges(chunk)}
         for slot in chunk.slots:
             sl = ranges.get(id(slot))
             if sl is None or slot.group < 0:
                 runs.append(None)  # nothing to update here: the next run starts anew
                 continue
-            group = self.param_groups[slot.group]
-            run = _Run(sl.start, sl.stop, slot.step + 1, float(group["lr"]),
-                       tuple(float(b) for b in group["betas"]), float(group["eps"]),
-                       float(group["weight_decay"]))
+            hyper = self.kind.run_group(self.param_groups[slot.group])
+            run = Run(sl.start, sl.stop, slot.step + 1, tuple(sorted(hyper.items())))
             last = runs[-1] if runs else None
             # Consecutive slots with the same hyper-parameters become one call (alignment
-            # padding between them is updated too, harmlessly: nothing reads it).
-            if last is not None and (last.step, last.lr, last.betas, last.eps,
-                                     last.weight_decay) == (
-                    run.step, run.lr, run.betas, run.eps, run.weight_decay):
+            # padding between them is updated too, harmlessly: its gradients and states are
+            # zero and stay zero, and an 8-bit block holds one parameter only).
+            if last is not None and last.joins(run):
                 runs[-1] = dataclasses.replace(last, end=run.end)
             else:
                 runs.append(run)
         return [r for r in runs if r is not None]
 
-    def state_dict(self):
-        raise NotImplementedError(
-            "heteromem's optimizer state lives in chunks (host, device and NVMe), not in a "
-            "state dict: save it with hm.save_checkpoint(path, model, opt)")
+    def state_dict(self) -> dict:
+        """The state in the format of the optimizer hm.wrap took over (optimizer_state.py):
+        it loads into that optimizer on its own, and back. Gathered into host memory; for
+        the whole training state (NVMe-sized, with loss scaler and RNG) use
+        hm.save_checkpoint. Sharded: call it on every rank."""
+        self._check_usable("state_dict()")
+        return optimizer_state.state_dict(self)
 
-    def load_state_dict(self, state_dict):
-        raise NotImplementedError(
-            "heteromem's optimizer state lives in chunks: load it with "
-            "hm.load_checkpoint(path, model, opt)")
-
-
-# ---------------------------------------------------------------------- the update itself
-# Module functions, not methods: the worker thread must not hold the optimizer.
-
-def _apply_runs(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
-                adamw: bool, master: torch.Tensor, exp_avg: torch.Tensor,
-                exp_avg_sq: torch.Tensor, target: torch.Tensor | None = None) -> None:
-    """The fused Adam calls of one chunk over the given states; the new compute-dtype values
-    go to `target`, by default the device copy (state on the device) or the host buffer.
-    Raises `_RunsFailed` saying how many runs were applied (each run is applied whole or not
-    at all: the op checks its arguments before it writes)."""
-    if target is None:
-        target = chunk.device_view() if chunk.states_on_device else chunk.host
-    # fp32 compute: the parameter is the master itself, unless the master lives elsewhere
-    # (device copy, NVMe), in which case it is copied over after the update.
-    copy_master = chunk.dtype == torch.float32 and target is not master
-    for done, run in enumerate(runs):
-        sl = slice(run.start, run.end)
-        lowp = None if chunk.dtype == torch.float32 else target[sl]
-        try:
-            hm_ops.adam_step_(master[sl], source[sl], exp_avg[sl], exp_avg_sq[sl],
-                              step=run.step, lr=run.lr, betas=run.betas, eps=run.eps,
-                              weight_decay=run.weight_decay, adamw=adamw,
-                              grad_scale=grad_scale, param_lowp=lowp)
-        except Exception as exc:
-            raise _RunsFailed(done, exc) from exc
-        if copy_master:
-            target[sl].copy_(master[sl])
-
-
-def _finish_chunk(chunk: Chunk, source: torch.Tensor) -> None:
-    """The chunk's update is complete: its gradient buffer is cleared and its copies say so."""
-    if source is chunk.acc or source is chunk.grad_shard:
-        source.zero_()
-    if chunk.states_on_device:
-        if chunk.device_state is DeviceState.MIXED:
-            chunk.move_device(DeviceState.PARAMS)
-    else:
-        chunk.device_stale = True
-    if chunk.host_state is not HostState.PARAMS:
-        chunk.move_host(HostState.PARAMS)
-
-
-def _update_chunk(chunk: Chunk, source: torch.Tensor, runs: list[_Run], grad_scale: float,
-                  adamw: bool, landed: object = None, snapshot: Snapshot | None = None) -> None:
-    """A host- or device-state chunk's whole update (on the worker for host states); a
-    speculative one keeps its snapshot first."""
-    try:
-        if landed is not None:
-            landed.synchronize()
-        if snapshot is not None:
-            take(snapshot, chunk, source)
-    except Exception as exc:
-        raise _RunsFailed(0, exc) from exc
-    _apply_runs(chunk, source, runs, grad_scale, adamw, chunk.master, chunk.exp_avg,
-                chunk.exp_avg_sq)
-    _finish_chunk(chunk, source)
-
-
-def _apply_to_staging(chunk: Chunk, source: torch.Tensor | None, runs: list[_Run],
-                      grad_scale: float, adamw: bool, staging) -> None:
-    """An NVMe chunk's update inside its staging slot (its states were read there; the new
-    parameters are written there too, so nothing else changes before the image commits).
-    Gradients come from `source`, or from the staging slot when the host cache spilled them."""
-    layout, n = chunk.nvme.layout, chunk.host_len
-    if chunk.grad_spill is not None:
-        source = staging.grads(chunk.grad_spill.dtype, chunk.grad_spill.used)
-    params = staging.view("params", n, layout)
-    master = staging.view("master", n, layout) if "master" in layout.regions else params
-    _apply_runs(chunk, source, runs, grad_scale, adamw, master,
-                staging.view("exp_avg", n, layout), staging.view("exp_avg_sq", n, layout),
-                target=params)
-
-
-def _finish_nvme_chunk(chunk: Chunk, source: torch.Tensor | None, staging, manager) -> None:
-    """An NVMe chunk's new image is committed: its gradient buffers go, and a host buffer it
-    still has gets the new values (from the staging slot; None when the commit came later,
-    for a sharded step: then the buffer is dropped and read again when needed)."""
-    manager.nvme.drop_grads(chunk)
-    cache = manager.cache
-    cache.drop_acc(chunk)
-    if chunk.grad_shard is not None and source is chunk.grad_shard:
-        source.zero_()
-    if chunk.host is not None:
-        if staging is None:
-            if chunk.host_state is not HostState.PARAMS:
-                chunk.move_host(HostState.PARAMS)
-            cache.forget(chunk)
-        else:
-            chunk.host[: chunk.host_len].copy_(staging.view("params", chunk.host_len,
-                                                            chunk.nvme.layout))
-    chunk.device_stale = True
-    if chunk.host_state is not HostState.PARAMS:
-        chunk.move_host(HostState.PARAMS)
-
-
-def _update_nvme_chunk(chunk: Chunk, source: torch.Tensor | None, runs: list[_Run],
-                       grad_scale: float, adamw: bool, landed: object, manager) -> None:
-    """An NVMe chunk's whole update on the worker (updates during backward): read its
-    states, update them in a staging slot, write and commit the image."""
-    try:
-        if landed is not None:
-            landed.synchronize()
-        manager.nvme.step(
-            [chunk],
-            lambda c, staging: _apply_to_staging(c, source, runs, grad_scale, adamw, staging),
-            lambda c, staging: _finish_nvme_chunk(c, source, staging, manager))
-    except _RunsFailed as exc:  # in the staging slot only: nothing of it was committed
-        raise _RunsFailed(0, exc.cause) from exc.cause
-    except Exception as exc:
-        raise _RunsFailed(0, exc) from exc
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads what `state_dict()` (here, or of the taken-over optimizer on its own)
+        returned; another optimizer's state is refused with nothing changed."""
+        self._check_usable("load_state_dict()")
+        optimizer_state.load_state_dict(self, state_dict)

@@ -3,7 +3,8 @@
 With `hm.wrap(step_in_backward=True)` and clipping (`max_grad_norm`) or fp16 loss scaling, a
 chunk's update starts during backward with its gradients as they are (unclipped), before the
 global norm is known. The update first keeps a *snapshot* of what it changes: the chunk's fp32
-master and moments and its gradients (the update overwrites the buffer holding them with the
+master, its optimizer state regions (fp32 moments, or 8-bit codes and block scales) and its
+gradients (the update overwrites the buffer holding them with the
 new parameters, or clears it). The chunk's per-parameter squared gradient norms are taken on the
 training thread when it is launched, so when the backward ends, `opt.step()` knows the global
 norm without reading any updated chunk again. Then:
@@ -20,7 +21,8 @@ Why a snapshot rather than inverting the update: Adam's moments cannot be recove
 new values accurately when clipping shrinks the gradients a lot (v = (v' - (1-b2) g^2) / b2
 cancels when v is small next to g^2, and the redo multiplies that error by 1/c^2 for a clip
 factor c), so inversion misses the float-rounding bound exactly when clipping matters; a copy
-is exact. Its costs: 12 bytes of fp32 states plus the gradient bytes per parameter, held from a
+is exact. Its costs: the state's bytes (12 per parameter for Adam and AGD, 6 for the 8-bit
+optimizers) plus the gradient bytes per parameter, held from a
 chunk's launch to the end of the backward, and one extra copy pass over them (measured in
 bench_wrap's CPU group: see docs/wrap.md). Snapshots are taken from what the host budget
 planned free; when a chunk's snapshot does not fit, it is not updated early (opt.step() does it).
@@ -42,7 +44,7 @@ from heteromem.memory.tiers import Tier
 class Snapshot:
     """A chunk's state before its speculative update (filled on the worker)."""
 
-    buffer: torch.Tensor              # uint8: master | exp_avg | exp_avg_sq | gradients
+    buffer: torch.Tensor              # uint8: master | each state region | gradients
     nbytes: int                       # reserved on the host tier for it
     sq_norms: list[torch.Tensor]      # each updated parameter's squared gradient norm
     launch: object = None             # the optimizer's record of how the update started
@@ -74,7 +76,7 @@ class Speculation:
                 ) -> Snapshot | None:
         """Room for the chunk's snapshot, or None when the host budget has none left (the
         chunk then waits for opt.step())."""
-        nbytes = chunk.host_len * 12 + source.numel() * source.element_size()
+        nbytes = _states_bytes(chunk) + source.numel() * source.element_size()
         try:
             self.tier.reserve(nbytes, f"the snapshot of chunk {chunk.index} (clipping in "
                               "backward)", advice="raise host_memory")
@@ -101,13 +103,40 @@ class Speculation:
             self.stats.steps_redone += 1
 
 
+_PIECE_ALIGN = 16  # each piece of a snapshot starts aligned for its dtype's view
+
+
+def _pieces(chunk: Chunk) -> list[tuple[torch.Tensor, int, int]]:
+    """(live tensor, items it holds for the chunk, byte offset in the snapshot) for the
+    master and every state region, in layout order."""
+    out, offset = [], 0
+    live = {"master": chunk.master, **chunk.states}
+    for region in chunk.layout.regions:
+        tensor, items = live[region.name], region.items(chunk.host_len)
+        out.append((tensor, items, offset))
+        offset += _aligned(items * tensor.element_size())
+    return out
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _PIECE_ALIGN) * _PIECE_ALIGN
+
+
+def _states_bytes(chunk: Chunk) -> int:
+    """Bytes of a snapshot before its gradients."""
+    tensor, items, offset = _pieces(chunk)[-1]
+    return offset + _aligned(items * tensor.element_size())
+
+
+def _view(snap: Snapshot, tensor: torch.Tensor, items: int, offset: int) -> torch.Tensor:
+    return snap.buffer[offset:offset + items * tensor.element_size()].view(tensor.dtype)
+
+
 def take(snap: Snapshot, chunk: Chunk, source: torch.Tensor) -> None:
     """Copies what the update will change into the snapshot (on the worker, first)."""
-    n = chunk.host_len
-    states = snap.buffer[: 12 * n].view(torch.float32)
-    for k, t in enumerate((chunk.master, chunk.exp_avg, chunk.exp_avg_sq)):
-        states[k * n:(k + 1) * n].copy_(t[:n])
-    grads = snap.buffer[12 * n:].view(source.dtype)
+    for tensor, items, offset in _pieces(chunk):
+        _view(snap, tensor, items, offset).copy_(tensor[:items])
+    grads = snap.buffer[_states_bytes(chunk):].view(source.dtype)
     grads.copy_(source.reshape(-1))
     snap.source = source
 
@@ -117,11 +146,10 @@ def put_back(snap: Snapshot, chunk: Chunk) -> float:
     the seconds it took."""
     start = time.perf_counter()
     n = chunk.host_len
-    states = snap.buffer[: 12 * n].view(torch.float32)
-    for k, t in enumerate((chunk.master, chunk.exp_avg, chunk.exp_avg_sq)):
-        t[:n].copy_(states[k * n:(k + 1) * n])
+    for tensor, items, offset in _pieces(chunk):
+        tensor[:items].copy_(_view(snap, tensor, items, offset))
     source = snap.source
-    source.reshape(-1).copy_(snap.buffer[12 * n:].view(source.dtype))
+    source.reshape(-1).copy_(snap.buffer[_states_bytes(chunk):].view(source.dtype))
     if chunk.dtype != torch.float32 and source.data_ptr() != chunk.host.data_ptr():
         # The host buffer took the speculative parameters: they come back from the master.
         chunk.host[:n].copy_(chunk.master[:n])

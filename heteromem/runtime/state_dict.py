@@ -35,7 +35,7 @@ class _Masters:
 
     def get(self, chunk) -> torch.Tensor:
         if chunk is not self.chunk:
-            mine = (self.manager.states(chunk)[0] if chunk.trainable
+            mine = (self.manager.states(chunk)["master"] if chunk.trainable
                     else self.manager.values(chunk))
             self.chunk = chunk
             self.master = None  # drop the previous chunk first

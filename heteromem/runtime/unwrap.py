@@ -67,5 +67,5 @@ def _release_chunk(manager, chunk) -> None:
         manager.memory.free(chunk.device_buffer)
         chunk.allocated = False
     chunk.device_buffer = None
-    chunk.host = chunk.master = chunk.exp_avg = chunk.exp_avg_sq = None
+    chunk.host = chunk.master = chunk.states = None
     chunk.acc = chunk.grad_shard = None

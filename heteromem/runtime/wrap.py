@@ -1,4 +1,4 @@
-"""`hm.wrap`: put a model's parameters, gradients and Adam states into paged chunks."""
+"""`hm.wrap`: put a model's parameters, gradients and optimizer states into paged chunks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from heteromem.distributed.comm import ShardGroup, resolve_group
 from heteromem.distributed.manager import ShardedChunkManager
 from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk, ParamSlot
-from heteromem.memory.layout import pack
+from heteromem.memory.layout import pack, slot_align, state_layout
 from heteromem.memory.manager import ChunkManager
 from heteromem.memory.host_cache import HostCache
 from heteromem.memory.host_plan import plan_host
@@ -29,7 +29,8 @@ from heteromem.runtime.hooks import Hooks
 from heteromem.runtime.hyperparams import check_adam_group
 from heteromem.runtime.construct import materializer
 from heteromem.runtime.materialize import Undo, fill_chunks, live_values, move_buffers
-from heteromem.runtime.optimizer import HeteroAdam
+from heteromem.runtime.optimizer import WrappedOptimizer
+from heteromem.runtime.optimizer_kind import KINDS, OptimizerKind, kind_of
 from heteromem.runtime.report import Report, TierReport
 from heteromem.runtime.scaler import LossScaler
 from heteromem.runtime.state_dict import install_state_dict_methods
@@ -75,8 +76,9 @@ def _check_positive(name: str, value: object) -> float | None:
     return float(value)
 
 
-def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) -> tuple[list[dict], bool]:
-    """The param groups (with hyper-parameters) and whether weight decay is decoupled."""
+def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict
+                  ) -> tuple[list[dict], OptimizerKind, dict]:
+    """The param groups (with hyper-parameters), the optimizer's kind, and its defaults."""
     unknown = sorted(set(adam_kwargs) - set(_ADAM_KWARGS))
     if unknown:
         raise TypeError(f"hm.wrap: unexpected keyword argument(s) {unknown}; Adam options are {list(_ADAM_KWARGS)}")
@@ -89,13 +91,12 @@ def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) 
                      eps=adam_kwargs.get("eps", 1e-8),
                      weight_decay=adam_kwargs.get("weight_decay", 0.01 if adamw else 0.0))
         check_adam_group(group, "hm.wrap")
-        return [group], adamw
+        kind = KINDS["AdamW" if adamw else "Adam"]
+        return [group], kind, dict(kind.defaults)
     if adam_kwargs:
         raise ValueError(f"hm.wrap: pass Adam options either through the optimizer or as keywords, "
                          f"not both (got optimizer and {sorted(adam_kwargs)})")
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise TypeError(f"hm.wrap: optimizer must be a torch.optim.Adam or AdamW instance (or None), "
-                        f"got {type(optimizer).__name__}")
+    kind = kind_of(optimizer)
     groups = []
     model_params = {id(p) for p in model.parameters()}
     for i, g in enumerate(optimizer.param_groups):
@@ -107,22 +108,19 @@ def _param_groups(model: torch.nn.Module, optimizer: object, adam_kwargs: dict) 
             if id(p) not in model_params:
                 raise ValueError(f"hm.wrap: optimizer param group {i} holds a tensor of shape "
                                  f"{tuple(p.shape)} that is not a parameter of the model")
-        groups.append({k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")})
-        check_adam_group(groups[-1], f"hm.wrap: optimizer param group {i}")
-    if isinstance(optimizer, torch.optim.AdamW):
-        adamw = True
-    else:
-        adamw = bool(optimizer.defaults.get("decoupled_weight_decay", False))
+        groups.append({k: v for k, v in g.items() if k == "params" or k in kind.hyper})
+        kind.check_group(groups[-1], f"hm.wrap: optimizer param group {i}")
     if any(optimizer.state.values()):
         raise ValueError("hm.wrap: the optimizer has already taken steps; wrap the model before "
                          "training (its state would be lost)")
-    return groups, adamw
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in kind.hyper}
+    return groups, kind, defaults
 
 
 class WrapState:
     """What `hm.wrap` attaches to the model (as `model._heteromem`)."""
 
-    def __init__(self, manager: ChunkManager, hooks: Hooks, optimizer: HeteroAdam | None,
+    def __init__(self, manager: ChunkManager, hooks: Hooks, optimizer: WrappedOptimizer | None,
                  slots: list[ParamSlot], buffer_bytes: int, comm: ShardGroup | None = None,
                  buffer_dtypes: list | None = None) -> None:
         self.manager, self.hooks, self.optimizer, self.slots = manager, hooks, optimizer, slots
@@ -161,7 +159,7 @@ class WrapState:
         seen = {id(s) for s in order}
         rest = [s for c in m.chunks for s in c.slots if id(s) not in seen]
         planned = pack([(s.name, s.param, s.shape) for s in order + rest], m.chunks[0].capacity,
-                       m.chunks[0].dtype, {})
+                       m.chunks[0].dtype, {}, state_layout(m.chunks))
         if all(current[id(s.param)] == (c.index, s.offset) for c in planned for s in c.slots):
             return
         mapping = repack(m, order, pin=m.copies.cuda)
@@ -224,7 +222,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          keep_on_device: Iterable[str] = (), max_grad_norm: float | None = None,
          nvme_staging: object = None, process_group: object = None,
          step_in_backward: bool = False, init: object = None, weights: object = None,
-         **adam_kwargs) -> tuple[torch.nn.Module, HeteroAdam | None]:
+         **adam_kwargs) -> tuple[torch.nn.Module, WrappedOptimizer | None]:
     """Wraps `model` so its training state lives in chunks paged between device and host.
 
     Returns the same module (hooks installed, parameters now views into chunks while in use)
@@ -285,7 +283,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         if not p.is_floating_point():
             raise ValueError(f"hm.wrap: parameter {name!r} has dtype {p.dtype}; only floating-point "
                              "parameters can be wrapped")
-    groups, adamw = _param_groups(model, optimizer, dict(adam_kwargs))
+    groups, kind, defaults = _param_groups(model, optimizer, dict(adam_kwargs))
     # Checks init/weights (every file header against the model) before anything changes.
     source = materializer(model, init, weights)
     if source is not None:
@@ -297,19 +295,22 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     total = sum(p.numel() for _, p in named)
     capacity = chunk_capacity(total, largest, chunk_mb, elem)
     comm = None
+    # Ranks' parts of a chunk start where a parameter may (8-bit blocks stay whole).
+    align = slot_align(kind.layout)
     if group is not None:
         comm = ShardGroup(group, dev)
-        capacity = sharding.shardable_capacity(capacity, comm.world)
-    chunks = pack([(n, p, p.shape) for n, p in named], capacity, dtype, group_of)
+        capacity = sharding.shardable_capacity(capacity, comm.world, align)
+    chunks = pack([(n, p, p.shape) for n, p in named], capacity, dtype, group_of, kind.layout)
     if comm is not None:
         if step_in_backward:
             raise ValueError("hm.wrap: step_in_backward=True is not supported when the model is "
                              f"sharded over {comm.world} ranks; leave it False")
-        sharding.shard_chunks(chunks, comm.rank, comm.world)
+        sharding.shard_chunks(chunks, comm.rank, comm.world, align)
         sharding.check_same_model(comm, chunks, dict(
             dtype=str(dtype), device=dev.type, device_memory=device_budget,
             host_memory=host_budget, nvme=nvme_dir is not None, chunk_mb=chunk_mb,
             max_grad_norm=max_grad_norm, keep_on_device=sorted(keep_on_device),
+            optimizer=kind.name,
             groups=[{k: v for k, v in g.items() if k != "params"} for g in groups]))
         if nvme_dir is not None:
             nvme_dir = sharding.rank_dir(nvme_dir, comm.rank)
@@ -332,7 +333,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                                      device_budget, reduce_bytes)
 
     host_capacity = capacity // (comm.world if comm else 1)
-    staging_slots = _staging_slots(staging_budget, host_capacity, dtype)
+    staging_slots = _staging_slots(staging_budget, host_capacity, dtype, kind)
     # Chunks a module call can pin on the device at once, and those copied ahead of it: the
     # host cache of NVMe chunks must hold their values at the same time.
     at_once = working_set + len(kept) + (PREFETCH_CHUNKS if dev.type == "cuda" else 0)
@@ -346,7 +347,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         # a large parameter did not fit into the rest of is mostly not full.
         image_capacity = max(c.host_len for c in chunks if id(c) in plan.on_nvme)
         check_nvme_dir(nvme_dir, nvme_disk_bytes(image_capacity, dtype, trainable_images,
-                                                 frozen_images, spares))
+                                                 frozen_images, spares, kind.layout))
 
     # NOTE: from here on the model changes; a failure puts it back as it was (parameters,
     # buffers) and removes the NVMe folder, so a refused wrap leaves nothing behind.
@@ -359,7 +360,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             # Sharded steps commit only once every rank has written: a spare per chunk.
             nvme = NvmeTier(os.fspath(nvme_dir), image_capacity, dtype, staging_slots,
                             host_tier, pin=dev.type == "cuda", owner=model,
-                            spares=spares)
+                            spares=spares, states=kind.layout)
             undo.nvme = nvme
             nvme.plan(trainable_images, frozen_images)
         fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
@@ -397,10 +398,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     if trainable:
         for g in groups:
             g["params"] = [p for p in g["params"] if p.requires_grad]
-        opt = HeteroAdam([g for g in groups if g["params"]], manager, trainable, adamw=adamw,
-                         max_grad_norm=max_grad_norm,
-                         scaler=LossScaler() if dtype == torch.float16 else None,
-                         step_in_backward=step_in_backward)
+        opt = WrappedOptimizer([g for g in groups if g["params"]], manager, trainable,
+                               kind=kind, max_grad_norm=max_grad_norm,
+                               scaler=LossScaler() if dtype == torch.float16 else None,
+                               step_in_backward=step_in_backward, defaults=defaults)
         hooks.in_backward = opt.in_backward
         # Param group indices may have shifted after dropping empty groups.
         index_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
@@ -451,8 +452,9 @@ def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunk
     return len(worst_chunks)
 
 
-def _staging_slots(staging_budget: int | None, capacity: int, dtype: torch.dtype) -> int:
-    slot = staging_bytes(capacity, 1, dtype)
+def _staging_slots(staging_budget: int | None, capacity: int, dtype: torch.dtype,
+                   kind: OptimizerKind) -> int:
+    slot = staging_bytes(capacity, 1, dtype, kind.layout)
     if staging_budget is None:
         return DEFAULT_STAGING_SLOTS
     slots = staging_budget // slot

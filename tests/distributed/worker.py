@@ -3,7 +3,8 @@
 argv: <config json> <output folder>. Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
 as torchrun sets them; with "no_dist" the run is a single process without torch.distributed.
 Rank 0 writes result.json (the global losses, and what the run saw); ranks write
-report<r>.json; "state_dict" makes rank 0 write the gathered full state dict to params.pt.
+report<r>.json; "state_dict" makes rank 0 write the gathered full state dict to params.pt,
+"optimizer_state" the gathered opt.state_dict() to optimizer.pt.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def main() -> None:
     for name in config.get("frozen", []):
         model.get_parameter(name).requires_grad_(False)
     dtype = getattr(torch, config.get("dtype", "float32"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                            weight_decay=0.1, eps=1e-5)  # see EPS in test_sharded.py
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.get("optimizer"):  # a heteromem.optim class by name, with its keyword arguments
+        opt = getattr(hm.optim, config["optimizer"])(trainable, **config["optimizer_kwargs"])
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1,
+                                eps=1e-5)  # see EPS in test_sharded.py
     kwargs = dict(device="cpu", dtype=dtype, chunk_mb=config["chunk_mb"],
                   device_memory=config["device_memory"],
                   max_grad_norm=config.get("clip"), keep_on_device=config.get("keep", ()))
@@ -157,6 +162,10 @@ def main() -> None:
         state = model.state_dict()  # collective: every rank gathers
         if rank == 0:
             torch.save(state, out / "params.pt")
+    if config.get("optimizer_state"):
+        state = opt.state_dict()  # collective too
+        if rank == 0:
+            torch.save(state, out / "optimizer.pt")
     if config.get("export"):
         hm.export_safetensors(out / "model.safetensors", model)
     if rank == 0:

@@ -4,6 +4,7 @@ descriptions from configs and modules matching real parameter counts, calibratio
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,15 +61,67 @@ def test_chunks_that_do_not_fit_go_to_nvme_whole_in_one_copy():
     cache = 5 * chunk * (2 + 4)
     off_device = 10**9 - chunk
     room = 10 * GiB - staging - cache - chunk * 2
-    on_nvme = round(off_device * (1 - room / (off_device * 18)))
+    on_nvme = math.ceil(off_device * (1 - room / (off_device * 18)))  # rounded up: host <= budget
     on_host = off_device - on_nvme
     assert p.fits and p.state_params == {"device": chunk, "host": on_host, "nvme": on_nvme}
     assert p.tiers["nvme"].needed == on_nvme * 14 + 4 * chunk * 14
     assert p.tiers["host"].needed == on_host * 18 + chunk * 2 + staging + cache
+    assert p.tiers["host"].needed <= 10 * GiB
     read = on_nvme * 2 * 2 + on_nvme * 14
     write = on_nvme * (2 + 2 + 12)
     assert p.step_seconds["NVMe"] == pytest.approx(read / 4e9 + write / 2e9)
     assert p.bound == "NVMe"
+
+
+def test_8bit_optimizers_need_less_host_and_nvme_than_adamw():
+    """The toy of the hand computation above with AdamW8bit: 6.03125 bytes of state a
+    parameter (fp32 master 4, two uint8 moments 2, two fp32 scales per 256: 1/32) instead of
+    12, so 805,306,368 // (6.03125 + 2) = 100,272,926 parameters' state fits the device's
+    768 MiB, rounded down to 2 whole chunks; the rest stay on the host with 6.03125 bytes of
+    state and 4 of accumulation room, beside 2e9 bytes of bf16 parameters. In fp32 the
+    parameter is the master: 2.03125 bytes (AdamW: 8)."""
+    model = ModelSpec("toy", params=10**9, largest=10**7)
+    chunk = 33_554_432
+    adamw = hm.plan(model, gpu_memory=2 * GiB, host_memory="18GiB", figures=FIG)
+    p = hm.plan(model, gpu_memory=2 * GiB, host_memory="18GiB", figures=FIG,
+                optimizer="adamw8bit")
+    assert (p.optimizer, p.state_bytes_per_param) == ("AdamW8bit", 6.03125)
+    assert (adamw.optimizer, adamw.state_bytes_per_param) == ("AdamW", 12)
+    assert p.fits and p.state_params == {"device": 2 * chunk, "host": 10**9 - 2 * chunk, "nvme": 0}
+    off = 10**9 - 2 * chunk
+    assert p.tiers["device"].needed == 256 * 2**20 + GiB + 2 * chunk * 257 // 32
+    assert p.tiers["host"].parts["optimizer states"] == off * 193 // 32
+    assert p.tiers["host"].needed == 2 * 10**9 + off * 4 + off * 193 // 32
+    assert p.tiers["host"].needed < adamw.tiers["host"].needed
+    assert "AdamW8bit (6.031 bytes of state a parameter)" in str(p)
+    # The CPU step is priced at the one calibrated rate (Adam's), and the plan says so.
+    assert p.step_seconds["CPU AdamW8bit"] == pytest.approx(off / 2e9)
+    assert any("calibrated Adam rate" in n for n in p.notes)
+    for name, master_less in (("adamw", 8), ("agd", 8), ("adam8bit", 2.03125)):
+        fp32 = hm.plan(model, gpu_memory=2 * GiB, host_memory="18GiB", figures=FIG,
+                       dtype=torch.float32, optimizer=name)
+        assert fp32.state_bytes_per_param == master_less
+        assert fp32.tiers["host"].parts["optimizer states"] == pytest.approx(
+            fp32.state_params["host"] * master_less, abs=1)
+    # With a 10 GiB host and a disk: fewer parameters go to NVMe, and their images (and the
+    # spare slots and staging slots) hold 8.03125 bytes a parameter instead of 14.
+    adamw = hm.plan(model, gpu_memory=2 * GiB, host_memory=10 * GiB, nvme="1TB", figures=FIG)
+    p = hm.plan(model, gpu_memory=2 * GiB, host_memory=10 * GiB, nvme="1TB", figures=FIG,
+                optimizer="AdamW8bit")
+    assert p.fits and 0 < p.state_params["nvme"] < adamw.state_params["nvme"]
+    assert p.tiers["nvme"].needed == (math.ceil(p.state_params["nvme"] * 257 / 32)
+                                      + 4 * chunk * 257 // 32)
+    assert p.tiers["nvme"].needed < adamw.tiers["nvme"].needed
+    assert p.tiers["host"].parts["NVMe staging"] == 4 * (chunk * 257 // 32 + chunk * 4)
+    assert p.tiers["host"].needed <= 10 * GiB
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'; use one of \['adam', "
+                                         r"'adam8bit', 'adamw', 'adamw8bit', 'agd'\]"):
+        hm.plan("llama-7b", gpu="h100", host_memory="2TiB", optimizer="sgd")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        hm.plan("llama-7b", gpu="h100", host_memory="2TiB", optimizer=torch.optim.SGD)
 
 
 def test_frozen_parameters_need_no_state():
@@ -167,6 +220,18 @@ def test_command_line(tmp_path):
                             "--gpu", "rtx4090", "--host-memory", "32GiB"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert short.returncode == 1 and "NO: the host tier" in short.stdout
+    # 5e9 parameters whose AdamW state does not fit 32 GiB of host memory; AdamW8bit's does.
+    cmd = [sys.executable, "-m", "heteromem", "plan", "--params", "5e9", "--gpu", "rtx4090",
+           "--host-memory", "32GiB", "--optimizer"]
+    adamw = subprocess.run(cmd + ["adamw"], capture_output=True, text=True, env=env, timeout=120)
+    assert adamw.returncode == 1 and "NO: the host tier" in adamw.stdout, adamw.stdout
+    eight = subprocess.run(cmd + ["AdamW8bit"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert eight.returncode == 0, eight.stdout + eight.stderr
+    assert "AdamW8bit (6.031 bytes of state a parameter)" in eight.stdout
+    assert "fits       yes" in eight.stdout
+    bad = subprocess.run(cmd + ["sgd"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'sgd'" in bad.stderr, bad.stderr
 
 
 def test_sharding_over_gpus_is_accounted_as_wrap_shards():

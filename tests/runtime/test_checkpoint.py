@@ -201,6 +201,47 @@ def test_save_between_backward_and_step_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "ckpt" / "LATEST")
 
 
+def as_version_2(manifest: dict) -> dict:
+    """A version 3 manifest of an Adam/AdamW model as heteromem wrote it before the optimizer
+    kinds (format 2): `optimizer.adamw` instead of its kind and state layout, regions without
+    elements_per_item. (The chunk files are the same bytes: fp32 moments.)"""
+    optimizer = manifest["optimizer"]
+    assert optimizer["kind"] in ("Adam", "AdamW")
+    optimizer["adamw"] = optimizer.pop("kind") == "AdamW"
+    optimizer.pop("state_layout")
+    for chunk in manifest["chunks"]:
+        for region in chunk["regions"]:
+            assert region.pop("elements_per_item") == 1
+    manifest["format_version"] = 2
+    return manifest
+
+
+def rewrite_manifest(root, change) -> None:
+    """Applies `change` to the published manifest and signs it."""
+    import json
+
+    vdir = root / layout.read_latest(str(root))["version"]
+    manifest = change(json.loads((vdir / layout.MANIFEST).read_text()))
+    digest = layout.write_manifest(str(vdir), manifest)
+    (root / layout.LATEST).write_text(json.dumps(dict(version=vdir.name, manifest_xxh3_64=digest)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_version_2_checkpoint_still_loads(tmp_path, dtype):
+    """Checkpoints written before the optimizer kinds (format 2: AdamW's fp32 moments, no kind
+    or state layout recorded) load as AdamW checkpoints and resume exactly."""
+    cfg, model, opt = _wrapped(0, dtype)
+    batches = gpt_batches(cfg, 4)
+    _train(model, opt, batches[:2])
+    root = tmp_path / "ckpt"
+    hm.save_checkpoint(root, model, opt)
+    want = _train(model, opt, batches[2:])
+    rewrite_manifest(root, as_version_2)
+    _, other, oopt = _wrapped(1, dtype)
+    hm.load_checkpoint(root, other, oopt)
+    assert _train(other, oopt, batches[2:]) == want
+
+
 def test_a_version_1_checkpoint_still_loads(tmp_path):
     """Checkpoints written before sharding (format 1: one file per chunk, regions with their
     own offsets, no parts) load as they did."""
@@ -213,7 +254,7 @@ def test_a_version_1_checkpoint_still_loads(tmp_path):
     hm.save_checkpoint(root, model, opt)
     want = _train(model, opt, batches[2:])
     vdir = root / layout.read_latest(str(root))["version"]
-    manifest = json.loads((vdir / layout.MANIFEST).read_text())
+    manifest = as_version_2(json.loads((vdir / layout.MANIFEST).read_text()))
     manifest.pop("world_size")
     manifest["format_version"] = 1
     for chunk in manifest["chunks"]:

@@ -79,7 +79,7 @@ def test_update_stalls_are_marked_inside_the_iteration(monkeypatch):
     waits are stalls. (Each update here holds back until the training thread waits for its
     chunk, so the forward surely meets updates in flight, however fast the machine.)"""
     waited: dict[int, threading.Event] = collections.defaultdict(threading.Event)
-    wait_update, update_chunk = ChunkManager._wait_update, optimizer._update_chunk
+    wait_update, update_chunk = ChunkManager._wait_update, optimizer.update_chunk
 
     def noting_wait(self, chunk):
         if chunk.update is not None:
@@ -96,7 +96,7 @@ def test_update_stalls_are_marked_inside_the_iteration(monkeypatch):
         return update_chunk(chunk, *args, **kwargs)
 
     monkeypatch.setattr(ChunkManager, "_wait_update", noting_wait)
-    monkeypatch.setattr(optimizer, "_update_chunk", held_update)
+    monkeypatch.setattr(optimizer, "update_chunk", held_update)
     model = _trained()
     report = hm.report(model)
     released.set()

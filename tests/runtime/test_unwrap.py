@@ -40,7 +40,7 @@ def test_unwrap_gives_an_ordinary_module_with_the_trained_values(tmp_path, nvme)
     _step(model, opt)
     trained = model.state_dict()
     held = [weakref.ref(t) for c in model._heteromem.manager.chunks
-            for t in (c.host, c.exp_avg) if t is not None]
+            for t in (c.host, *(c.states or {}).values()) if t is not None]
     assert held
 
     plain = hm.unwrap(model)

@@ -100,13 +100,13 @@ def test_step_then_zero_grad_leaves_the_updates_running_for_the_next_forward(mon
     model, opt = hm.wrap(model, opt, device="cpu", dtype=torch.float32, **paging_kwargs(ref, 4))
     manager = model._heteromem.manager
     gate = threading.Event()
-    update = optimizer._update_chunk
+    update = optimizer.update_chunk
 
     def gated(*args) -> None:  # updates wait until the test has looked
         if not gate.wait(timeout=60):
             raise TimeoutError("test gate never opened")
         update(*args)
-    monkeypatch.setattr(optimizer, "_update_chunk", gated)
+    monkeypatch.setattr(optimizer, "update_chunk", gated)
     batches = gpt_batches(cfg, 4)
     losses = []
     for idx, tgt in batches:

@@ -117,7 +117,7 @@ def test_frozen_parameters_are_used_but_never_updated():
     for name in frozen:
         chunk = params[name]._heteromem_slot.chunk
         assert not chunk.trainable
-        assert chunk.master is None and chunk.exp_avg is None and chunk.exp_avg_sq is None
+        assert chunk.master is None and chunk.states is None
         assert chunk.acc is None  # no gradient was ever gathered for it
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
 

@@ -13,6 +13,7 @@ import torch
 
 import heteromem as hm
 from heteromem.models import GPT, GPTConfig
+from heteromem.optim import FP32_MOMENTS, StateLayout
 
 # Parity runs give the device tier at most this fraction of the parameter bytes, so most
 # chunks live on the host at any time and every step pages.
@@ -120,21 +121,24 @@ def train_steps(model, opt, batches, scheduler=None) -> list[float]:
 
 
 def nvme_host_budget(model: torch.nn.Module, dtype: torch.dtype, chunk_mb: float,
-                     resident_fraction: float, staging_slots: int = 2, at_once: int = 2) -> dict:
+                     resident_fraction: float, staging_slots: int = 2, at_once: int = 2,
+                     layout: StateLayout = FP32_MOMENTS) -> dict:
     """host_memory and nvme_staging for `hm.wrap(..., nvme_dir=...)` such that about
     `resident_fraction` of the model's chunks stay on the host and the rest go to NVMe: the
     staging pool, a host cache for `at_once` chunks (as many as one module of the test models
     pins: a Linear's weight and bias), and that
-    fraction of what the chunks need on the host (parameters, fp32 states, accumulation room)."""
+    fraction of what the chunks need on the host (parameters, the optimizer's states as
+    `layout` describes them, accumulation room)."""
     from heteromem.memory.host_plan import cache_floor
+    from heteromem.memory.layout import slot_align
     from heteromem.memory.nvme import staging_bytes
 
     elem = torch.empty((), dtype=dtype).element_size()
     capacity = int(chunk_mb * 2**20) // elem
-    staging = staging_bytes(capacity, staging_slots, dtype)
+    staging = staging_bytes(capacity, staging_slots, dtype, layout)
     n = sum(p.numel() for p in model.parameters())
-    per_param = elem + (8 if dtype == torch.float32 else 12) + 4
-    padding = len(list(model.parameters())) * 32 * per_param
+    per_param = elem + layout.bytes_per_param(master=dtype != torch.float32) + 4
+    padding = len(list(model.parameters())) * slot_align(layout) * per_param
     resident = int(resident_fraction * (n * per_param + padding))
     return dict(host_memory=staging + cache_floor(capacity, dtype, at_once) + resident,
                 nvme_staging=staging)

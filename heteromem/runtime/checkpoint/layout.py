@@ -5,7 +5,9 @@
       v000007/
         manifest.json           format, model and optimizer description, every file's checksum
         chunk-00000.bin ...     one file per chunk: its regions (parameters in the compute
-                                dtype, then fp32 master, exp_avg, exp_avg_sq) back to back
+                                dtype, then the fp32 master and the optimizer's state regions:
+                                exp_avg, exp_avg_sq for Adam and AGD; codes and block scales
+                                for the 8-bit optimizers) back to back
         extra.pt                module buffers, RNG states, the caller's `extra`
 
 Sharded over N ranks, each rank writes its part of every chunk, `chunk-00000.rank00.bin`
@@ -38,14 +40,15 @@ except ImportError:  # pragma: no cover - xxhash is a dependency; this names the
     xxhash = None
 
 FORMAT = "heteromem-checkpoint"
-FORMAT_VERSION = 2  # 2: chunks list their parts ("shards"); version 1 is read too
+# 2: chunks list their parts ("shards"). 3: the optimizer's kind and state layout are
+# recorded, and regions say how many elements an item covers (block scales). Versions 1 and 2
+# (Adam/AdamW only) are read too.
+FORMAT_VERSION = 3
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 EXTRA = "extra.pt"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 _READ_BLOCK = 64 << 20
-
-
 
 
 def hasher():

@@ -1,8 +1,8 @@
 """`hm.load_checkpoint`: everything is checked before anything of the live model changes.
 
 Order: LATEST and the manifest (checksum, format, version), the model and optimizer it was
-saved from against this one (names, shapes, dtypes, param groups), every file's size and
-xxh3 checksum. Only then are chunk files read again and copied into the chunks, parameter by
+saved from against this one (names, shapes, dtypes, the optimizer's kind and state layout,
+param groups), every file's size and xxh3 checksum. Only then are chunk files read again and copied into the chunks, parameter by
 parameter, so a model wrapped with another chunk size or device budget loads the same state.
 A refused load raises `CheckpointError` (a ValueError) or FileNotFoundError and leaves the
 model and optimizer exactly as they were.
@@ -26,8 +26,11 @@ from heteromem.runtime.checkpoint import layout
 from heteromem.runtime.checkpoint import manifest as schema
 from heteromem.runtime.checkpoint.layout import CheckpointError
 from heteromem.runtime.checkpoint.save import _PENDING, _PENDING_LOCK, wait_checkpoint
-from heteromem.runtime.checkpoint.state import (DTYPES, check_optimizer, dtype_name,
-                                                region_offsets, set_rng_state, wrap_state)
+from heteromem.optim.layout import StateRegion
+from heteromem.runtime.checkpoint.state import (check_optimizer, dtype_name, layout_entry,
+                                                part_bytes, region_offsets, regions,
+                                                set_rng_state, wrap_state)
+from heteromem.runtime.optimizer_kind import KINDS
 from heteromem.runtime.state_dict import _slot_names
 
 _SHOW = 5
@@ -63,6 +66,9 @@ def _read_manifest(root: str) -> tuple[str, dict]:
         if manifest["format_version"] == 1:
             schema.check_v1_chunks(manifest)
             _from_version_1(manifest)
+        if manifest["format_version"] == 2:
+            schema.check_v2_optimizer(manifest)
+            _from_version_2(manifest)
         if manifest["format_version"] != layout.FORMAT_VERSION:
             raise _refuse(root, f"has format version {manifest['format_version']!r}, this "
                           f"heteromem reads version {layout.FORMAT_VERSION}",
@@ -82,6 +88,19 @@ def _from_version_1(manifest: dict) -> None:
     manifest["world_size"] = 1
     manifest["format_version"] = 2
 
+
+def _from_version_2(manifest: dict) -> None:
+    """Version 2 (Adam or AdamW, fp32 moments) as a version 3 manifest: the optimizer's kind
+    and state layout written out, every region one item per element."""
+    for chunk in manifest.get("chunks", []):
+        for region in chunk.get("regions", []) if isinstance(chunk, dict) else []:
+            if isinstance(region, dict):
+                region.setdefault("elements_per_item", 1)
+    optimizer = manifest.get("optimizer")
+    if optimizer is not None:
+        kind = KINDS["AdamW" if optimizer.pop("adamw") else "Adam"]
+        optimizer.update(kind=kind.name, state_layout=layout_entry(kind))
+    manifest["format_version"] = 3
 
 def _match(root: str, manifest: dict, model, state, optimizer) -> list[tuple[dict, object]]:
     """(saved parameter, live slot) pairs; raises when this is not the model that was saved."""
@@ -114,14 +133,17 @@ def _match(root: str, manifest: dict, model, state, optimizer) -> list[tuple[dic
                           "when saved", "set requires_grad as it was before wrapping")
         pairs.append((entry, slot))
     opt = state.optimizer
+    saved_opt = manifest.get("optimizer")
+    if opt is not None and saved_opt is not None:
+        # The chunks' optimizer state is loaded with the parameters, optimizer or not.
+        _match_optimizer(root, saved_opt, opt.kind)
+        _check_alignment(root, manifest, opt.kind)
     if optimizer is not None:
-        saved_opt = manifest.get("optimizer")
         if saved_opt is None:
             raise _refuse(root, "holds no optimizer state", "pass optimizer=None")
-        if len(saved_opt["param_groups"]) != len(opt.param_groups) or saved_opt["adamw"] != opt.adamw:
-            raise _refuse(root, f"was saved with {len(saved_opt['param_groups'])} param group(s) "
-                          f"({'AdamW' if saved_opt['adamw'] else 'Adam'}), this optimizer has "
-                          f"{len(opt.param_groups)} ({'AdamW' if opt.adamw else 'Adam'})",
+        if len(saved_opt["param_groups"]) != len(opt.param_groups):
+            raise _refuse(root, f"was saved with {len(saved_opt['param_groups'])} param group(s), "
+                          f"this {opt.kind.name} has {len(opt.param_groups)}",
                           "build the optimizer as it was when saving")
         for entry, slot in pairs:
             if entry["trainable"] and entry["group"] != slot.group:
@@ -131,6 +153,50 @@ def _match(root: str, manifest: dict, model, state, optimizer) -> list[tuple[dic
             raise _refuse(root, "has fp16 loss-scaler state where this model has none (or the "
                           "reverse)", "wrap with the dtype it was saved with")
     return pairs
+
+
+def _match_optimizer(root: str, saved: dict, kind) -> None:
+    """The saved optimizer is this one: same kind, same state layout."""
+    if saved["kind"] != kind.name:
+        saved_kind = KINDS[saved["kind"]]
+        raise _refuse(root, f"holds the state of an {saved['kind']} optimizer "
+                      f"({_describe(saved_kind)}), but this model was wrapped with "
+                      f"{kind.name} ({_describe(kind)}); one optimizer's state cannot continue "
+                      "as another's",
+                      f"wrap the model with {_constructor(saved_kind)} to load it (or export "
+                      "the weights with hm.export_pretrained and start a new optimizer)")
+    if saved["state_layout"] != layout_entry(kind):
+        raise _refuse(root, f"records an {kind.name} state layout {saved['state_layout']} that "
+                      f"differs from this heteromem's {layout_entry(kind)}",
+                      "load it with the heteromem version that wrote it "
+                      "(its manifest names it)")
+
+
+def _describe(kind) -> str:
+    regions = ", ".join(f"{r.name} {dtype_name(r.dtype)}" + (
+        f" per {r.elements_per_item}" if r.elements_per_item > 1 else "")
+        for r in kind.layout.state_regions)
+    return f"state {regions}"
+
+
+def _constructor(kind) -> str:
+    if kind.standalone is None:
+        return f"torch.optim.{kind.name}"
+    return f"heteromem.optim.{kind.name}"
+
+
+def _check_alignment(root: str, manifest: dict, kind) -> None:
+    """Block-scaled regions are read whole blocks at a time: every trainable parameter and
+    every part of a chunk starts on a block (as every heteromem that writes them packs)."""
+    align = kind.layout.align
+    if align == 1:
+        return
+    bad = [e["names"][0] for e in manifest["params"] if e["trainable"] and e["offset"] % align]
+    bad += [s["file"] for c in manifest["chunks"] for s in c["shards"] if s["lo"] % align]
+    if bad:
+        raise _refuse(root, f"places {bad[:_SHOW]} at offsets that are not multiples of "
+                      f"{align} elements, which {kind.name}'s block-scaled state needs",
+                      "use a checkpoint that heteromem's save_checkpoint wrote")
 
 
 def _reads(manifest: dict, pairs: list) -> list[tuple]:
@@ -159,11 +225,10 @@ def _verify_files(root: str, vdir: str, manifest: dict, names: set[str]) -> None
     with their recorded sizes and checksums."""
     files = manifest.get("files", {})
     for chunk in manifest["chunks"]:
-        per_elem = sum(DTYPES[r["dtype"]].itemsize for r in chunk["regions"])
         for shard in chunk["shards"]:
             info = files.get(shard["file"])
             if info is None or info["bytes"] != shard["bytes"] or \
-                    shard["bytes"] != (shard["hi"] - shard["lo"]) * per_elem:
+                    shard["bytes"] != part_bytes(chunk["regions"], shard["hi"] - shard["lo"]):
                 raise _refuse(root, f"its manifest is inconsistent about {shard['file']}",
                               "use another checkpoint")
     for name in sorted(names):
@@ -188,13 +253,16 @@ class _Parts:
         self.vdir, self.fds = vdir, {}
 
     def read(self, saved: dict, shard: dict, region: str, lo: int, hi: int) -> torch.Tensor:
-        offset, dtype = region_offsets(saved, shard["lo"], shard["hi"])[region]
+        """The items of `region` holding elements [lo, hi) of the saved chunk."""
+        offset, info = region_offsets(saved, shard["lo"], shard["hi"])[region]
+        items = info.item_slice(lo - shard["lo"], hi - shard["lo"])
+        dtype = info.dtype
         fd = self.fds.get(shard["file"])
         if fd is None:
             fd = self.fds[shard["file"]] = os.open(os.path.join(self.vdir, shard["file"]),
                                                    os.O_RDONLY)
-        out = torch.empty((hi - lo) * dtype.itemsize, dtype=torch.uint8)
-        view, at = memoryview(out.numpy()), offset + (lo - shard["lo"]) * dtype.itemsize
+        out = torch.empty((items.stop - items.start) * dtype.itemsize, dtype=torch.uint8)
+        view, at = memoryview(out.numpy()), offset + items.start * dtype.itemsize
         while view:
             n = os.preadv(fd, [view], at)
             if not n:
@@ -220,12 +288,16 @@ def _apply(vdir: str, reads: list, pairs: list, state) -> None:
             # Every tensor holding this chunk's values now; unlike the file's regions, a
             # master kept apart from the parameters (on the device) in fp32 too.
             dst = manager.image(chunk)
+            live = {r.name: r for r in regions(chunk)}
             for saved, shard, lo, hi, slot, into in by_chunk[index]:
                 stored = {r["name"] for r in saved["regions"]}
                 for name, tensor in dst.items():
                     # fp32 files hold no separate master: the parameters are the master
                     source = name if name in stored else "params"
-                    tensor[into].copy_(parts.read(saved, shard, source, lo, hi))
+                    # Block-scaled regions: the parameter's blocks, scales with their codes.
+                    items = live.get(name, StateRegion(name, tensor.dtype)).item_slice(
+                        into.start, into.stop)
+                    tensor[items].copy_(parts.read(saved, shard, source, lo, hi))
             manager.store_image(chunk)
     finally:
         parts.close()

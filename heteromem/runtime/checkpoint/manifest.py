@@ -14,13 +14,14 @@ import math
 import re
 
 from heteromem.errors import CheckpointError
-from heteromem.runtime.hyperparams import check_adam_group
+from heteromem.runtime.optimizer_kind import KINDS
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Element dtypes a parameter or region may have (state.DTYPES names the torch dtypes).
 ELEMENT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
                   "uint8", "bool")
-REGIONS = ("params", "master", "exp_avg", "exp_avg_sq")
+# Every region any optimizer's chunks hold.
+REGIONS = ("params", *dict.fromkeys(r.name for k in KINDS.values() for r in k.layout.regions))
 # A part's file is a plain name inside the version folder, never a path out of it.
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -107,8 +108,25 @@ def check_v1_chunks(manifest: dict) -> None:
             _dict(region, f"{where}.regions[{k}]")
 
 
+def check_v2_optimizer(manifest: dict) -> None:
+    """Version 2's optimizer entry (Adam or AdamW: `adamw`), before it is rewritten as 3."""
+    optimizer = _get(manifest, "optimizer", "")
+    if optimizer is not None:
+        _bool(_get(_dict(optimizer, "optimizer"), "adamw", "optimizer"), "optimizer.adamw")
+
+
+def _state_regions(manifest: dict) -> set[str] | None:
+    """The region names a trainable chunk must hold besides the parameters (and, not in
+    fp32, the master), by the optimizer the manifest names (None: it names none)."""
+    optimizer = manifest.get("optimizer")
+    if not isinstance(optimizer, dict):
+        return None
+    kind = KINDS.get(optimizer.get("kind"))
+    return None if kind is None else {r.name for r in kind.layout.state_regions}
+
+
 def check_body(manifest: dict) -> None:
-    """Every field a version 2 load reads, and how they must agree."""
+    """Every field a version 3 load reads, and how they must agree."""
     _str(_get(manifest, "dtype", ""), "dtype", COMPUTE_DTYPES)
     world = _int(_get(manifest, "world_size", ""), "world_size", 1)
     files = _dict(_get(manifest, "files", ""), "files")
@@ -120,6 +138,9 @@ def check_body(manifest: dict) -> None:
         _int(_get(info, "bytes", where), f"{where}.bytes")
         _str(_get(info, "xxh3_64", where), f"{where}.xxh3_64")
     chunks = {}
+    state_names = _state_regions(manifest)
+    if state_names is None:
+        state_names = {r.name for r in KINDS["AdamW"].layout.state_regions}
     for i, chunk in enumerate(_list(_get(manifest, "chunks", ""), "chunks")):
         where = f"chunks[{i}]"
         chunk = _dict(chunk, where)
@@ -134,7 +155,8 @@ def check_body(manifest: dict) -> None:
             region = _dict(region, rw)
             names.append(_str(_get(region, "name", rw), f"{rw}.name", REGIONS))
             _str(_get(region, "dtype", rw), f"{rw}.dtype", ELEMENT_DTYPES)
-        want = {"params"} | ({"exp_avg", "exp_avg_sq"} if trainable else set())
+            _int(_get(region, "elements_per_item", rw), f"{rw}.elements_per_item", 1)
+        want = {"params"} | (state_names if trainable else set())
         if len(set(names)) != len(names) or not want <= set(names) or (
                 not trainable and len(names) != 1):
             raise BadField(f"{where}.regions", f"{names} are not the regions of a "
@@ -196,17 +218,26 @@ def check_body(manifest: dict) -> None:
 
 
 def _check_optimizer(optimizer: dict, params: list) -> None:
-    _bool(_get(optimizer, "adamw", "optimizer"), "optimizer.adamw")
+    kind = KINDS[_str(_get(optimizer, "kind", "optimizer"), "optimizer.kind", tuple(KINDS))]
+    layout = _dict(_get(optimizer, "state_layout", "optimizer"), "optimizer.state_layout")
+    _int(_get(layout, "align", "optimizer.state_layout"), "optimizer.state_layout.align", 1)
+    for k, region in enumerate(_list(_get(layout, "regions", "optimizer.state_layout"),
+                                     "optimizer.state_layout.regions")):
+        rw = f"optimizer.state_layout.regions[{k}]"
+        region = _dict(region, rw)
+        _str(_get(region, "name", rw), f"{rw}.name", REGIONS)
+        _str(_get(region, "dtype", rw), f"{rw}.dtype", ELEMENT_DTYPES)
+        _int(_get(region, "elements_per_item", rw), f"{rw}.elements_per_item", 1)
     groups = _list(_get(optimizer, "param_groups", "optimizer"), "optimizer.param_groups")
     for i, group in enumerate(groups):
         where = f"optimizer.param_groups[{i}]"
         group = _dict(group, where)
-        for key in ("lr", "betas", "eps", "weight_decay"):
+        for key in kind.hyper:
             _get(group, key, where)
         try:
-            check_adam_group(group, where)
+            kind.check_group(group, where)
         except (TypeError, ValueError) as exc:
-            raise BadField(where, f"is not a usable Adam group ({exc})") from exc
+            raise BadField(where, f"is not a usable {kind.name} group ({exc})") from exc
     for i, param in enumerate(params):
         if param["trainable"] and not -1 <= param["group"] < len(groups):
             raise BadField(f"params[{i}].group", f"is {param['group']}, but there are "

@@ -115,14 +115,14 @@ def _write_extra(tmp: str, blob: dict, rank: int | None) -> tuple[int, str]:
 
 def _cpu_parts(manager, chunk: Chunk) -> list[torch.Tensor]:
     live = live_tensors(manager, chunk)
-    return [live[name].to("cpu") for name, _ in regions(chunk)]
+    return [live[r.name].to("cpu") for r in regions(chunk)]
 
 
 def _snapshot(state, chunks: list[Chunk]) -> dict[int, torch.Tensor]:
     """Copies the host chunks' regions into the model's snapshot buffers (allocated once,
     counted on the host tier, reused by every later flash save)."""
     manager = state.manager
-    sizes = {c.index: sum(c.host_len * d.itemsize for _, d in regions(c)) for c in chunks}
+    sizes = {c.index: sum(r.nbytes(c.host_len) for r in regions(c)) for c in chunks}
     snap = getattr(state, "checkpoint_snapshot", None)
     if snap is None or {k: v.numel() for k, v in snap.items()} != sizes:
         # First flash save, or chunks moved tiers since the last one (NVMe or device state).
@@ -203,8 +203,10 @@ def _tmp_dir(root: str, comm) -> str:
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, *, blocking: bool = True,
                     extra: object = None) -> None:
-    """Saves parameters, fp32 masters, Adam moments, step counts, param groups, loss-scaler
-    state, module buffers and RNG states of a wrapped model into the directory `path`.
+    """Saves parameters, fp32 masters, optimizer states (whatever the optimizer keeps: Adam's
+    and AGD's fp32 moments, the 8-bit optimizers' codes and block scales), step counts, param
+    groups, loss-scaler state, module buffers and RNG states of a wrapped model into the
+    directory `path`.
 
     `extra` (anything `torch.save` takes, e.g. your LR scheduler's and data loader's state)
     is stored too and returned by `load_checkpoint`. With `blocking=False` the state is

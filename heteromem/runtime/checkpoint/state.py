@@ -1,9 +1,13 @@
 """What a checkpoint holds of a wrapped model, and where each piece lives right now.
 
 Shared by save and load: the model's description for the manifest (parameters by name with
-their chunk, offset, shape and dtype; chunks and their regions; the optimizer's groups and
-loss scaler), and per chunk the tensors holding each region (host buffers, device tensors
-for chunks whose state lives on the device, or NVMe staging views).
+their chunk, offset, shape and dtype; chunks and their regions; the optimizer's kind, state
+layout, groups and loss scaler), and per chunk the tensors holding each region (host buffers,
+device tensors for chunks whose state lives on the device, or NVMe staging views).
+
+A region is laid out like the chunk's elements: item `i` of a region with
+`elements_per_item=k` (the 8-bit optimizers' block scales: k=256) covers elements
+`[k*i, k*(i+1))`, so a part file holding elements `[lo, hi)` holds `ceil((hi-lo)/k)` items of it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from heteromem._version import __version__
 from heteromem.memory.chunk import Chunk, HostState
+from heteromem.optim.layout import StateRegion
 from heteromem.runtime.checkpoint.layout import FORMAT, FORMAT_VERSION, CheckpointError, chunk_file
 from heteromem.runtime.state_dict import _slot_names
 from heteromem.runtime.wrapped import wrapped_state
@@ -39,31 +44,50 @@ def check_optimizer(state, optimizer: object, what: str) -> None:
                          "pass the optimizer from `model, opt = hm.wrap(...)` (or None)")
 
 
-def regions(chunk: Chunk) -> list[tuple[str, torch.dtype]]:
-    """The regions of a chunk's file, in order. In fp32 mode the parameters are the master."""
-    out = [("params", chunk.dtype)]
+def regions(chunk: Chunk) -> list[StateRegion]:
+    """The regions of a chunk's file, in order: the parameters, then (trainable) the fp32
+    master (none in fp32 mode: the parameters are the master) and the optimizer's regions."""
+    out = [StateRegion("params", chunk.dtype)]
     if chunk.trainable:
         if chunk.dtype != FP32:
-            out.append(("master", FP32))
-        out += [("exp_avg", FP32), ("exp_avg_sq", FP32)]
+            out.append(StateRegion("master", FP32))
+        out += list(chunk.layout.state_regions)
     return out
 
 
-def region_offsets(entry: dict, lo: int, hi: int) -> dict[str, tuple[int, torch.dtype]]:
-    """Region name -> (byte offset, dtype) in a part file holding elements [lo, hi)."""
+def saved_region(entry: dict) -> StateRegion:
+    """A manifest's region entry (version 2 entries have no elements_per_item: 1)."""
+    return StateRegion(entry["name"], DTYPES[entry["dtype"]], entry.get("elements_per_item", 1))
+
+
+def part_bytes(entries: list, elements: int) -> int:
+    """Bytes of a part file holding `elements` elements of every region in `entries`."""
+    return sum(saved_region(r).nbytes(elements) for r in entries)
+
+
+def layout_entry(kind) -> dict:
+    """An optimizer kind's state layout as the manifest records it."""
+    return dict(align=kind.layout.align, regions=[
+        dict(name=r.name, dtype=dtype_name(r.dtype), elements_per_item=r.elements_per_item)
+        for r in kind.layout.regions])
+
+
+def region_offsets(entry: dict, lo: int, hi: int) -> dict[str, tuple[int, StateRegion]]:
+    """Region name -> (byte offset, region) in a part file holding elements [lo, hi)."""
     out, offset = {}, 0
-    for region in entry["regions"]:
-        dtype = DTYPES[region["dtype"]]
-        out[region["name"]] = (offset, dtype)
-        offset += (hi - lo) * dtype.itemsize
+    for item in entry["regions"]:
+        region = saved_region(item)
+        out[region.name] = (offset, region)
+        offset += region.nbytes(hi - lo)
     return out
 
 
 def live_tensors(manager, chunk: Chunk) -> dict[str, torch.Tensor]:
-    """The tensors holding each region now. NVMe states are read into staging slot 0: the
-    views stay valid until that slot is used again."""
+    """The tensors holding each region now (as many items as this rank's elements need).
+    NVMe states are read into staging slot 0: the views stay valid until that slot is used
+    again."""
     image = manager.image(chunk)
-    return {name: image[name] for name, _ in regions(chunk)}
+    return {r.name: image[r.name][: r.items(chunk.host_len)] for r in regions(chunk)}
 
 
 def check_quiet(state, what: str) -> None:
@@ -103,15 +127,15 @@ def describe(model: torch.nn.Module, state) -> dict:
               for key, slot in slots.items()]
     chunks = []
     for chunk in manager.chunks:
-        names = [dict(name=name, dtype=dtype_name(dtype)) for name, dtype in regions(chunk)]
-        per_elem = sum(dtype.itemsize for _, dtype in regions(chunk))
+        names = [dict(name=r.name, dtype=dtype_name(r.dtype),
+                      elements_per_item=r.elements_per_item) for r in regions(chunk)]
         if chunk.world == 1:
             shards = [dict(file=chunk_file(chunk.index), lo=0, hi=chunk.used,
-                           bytes=chunk.used * per_elem)]
+                           bytes=part_bytes(names, chunk.used))]
         else:
             part = chunk.used // chunk.world
             shards = [dict(file=chunk_file(chunk.index, r), lo=r * part, hi=(r + 1) * part,
-                           bytes=part * per_elem) for r in range(chunk.world)]
+                           bytes=part_bytes(names, part)) for r in range(chunk.world)]
         chunks.append(dict(index=chunk.index, used=chunk.used, trainable=chunk.trainable,
                            regions=names, shards=shards))
     opt = state.optimizer
@@ -119,7 +143,8 @@ def describe(model: torch.nn.Module, state) -> dict:
     if opt is not None:
         groups = [{k: _jsonable(v, f"optimizer param group {i} {k!r}")
                    for k, v in g.items() if k != "params"} for i, g in enumerate(opt.param_groups)]
-        optimizer = dict(adamw=opt.adamw, param_groups=groups, skipped_steps=opt.skipped_steps,
+        optimizer = dict(kind=opt.kind.name, state_layout=layout_entry(opt.kind),
+                         param_groups=groups, skipped_steps=opt.skipped_steps,
                          scaler=opt.scaler.state_dict() if opt.scaler is not None else None)
     comm = state.comm
     return dict(format=FORMAT, format_version=FORMAT_VERSION, heteromem_version=__version__,
