@@ -1,7 +1,7 @@
 """Loading a transformers checkpoint: `hm.from_pretrained` against reading its files.
 
-    .venv/bin/python bench/bench_load.py [--params 0.7e9] [--dtype bf16] [--cases lora,full-nvme]
-                                          [--dir PATH] [--json PATH]
+    .venv/bin/python bench/bench_load.py [--params 0.7e9] [--dtype bf16] [--dir PATH]
+                                          [--cases lora,lora-nvme,full-nvme] [--json PATH]
     .venv/bin/pytest bench/bench_load.py            # the same run as a benchmark
     HETEROMEM_BENCH_QUICK=1 .venv/bin/pytest bench/bench_load.py --benchmark-disable  # smoke
 
@@ -181,18 +181,22 @@ def _case_kwargs(case: str, params: int, largest: int, scratch: Path) -> dict:
         import peft
 
         return dict(peft_config=peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    if case == "full-nvme":
+    if case in ("full-nvme", "lora-nvme"):
         nvme = scratch / "nvme"
         nvme.mkdir(exist_ok=True)
         # The default chunk: at least the largest parameter (the embedding), else an eighth
         # of the model up to 64 MiB of bf16.
         chunk = max(largest, min(DEFAULT_CHUNK_ELEMS, -(-params // 8)))
         # A small host budget: a 2-slot staging pool and a cache of a few chunks, so every
-        # chunk (parameters and optimizer states) goes to NVMe.
+        # chunk (parameters, and optimizer states where trainable) goes to NVMe.
         staging = staging_bytes(chunk, 2, torch.bfloat16)
-        return dict(host_memory=staging + cache_floor(chunk, torch.bfloat16, 4),
-                    nvme_dir=str(nvme), nvme_staging=staging)
-    raise ValueError(f"unknown case {case!r}; use lora or full-nvme")
+        # (chunk_mb pinned to that chunk: LoRA's adapters would otherwise move the default.)
+        kwargs = dict(host_memory=staging + cache_floor(chunk, torch.bfloat16, 4),
+                      nvme_dir=str(nvme), nvme_staging=staging, chunk_mb=chunk * 2 / 2**20)
+        if case == "lora-nvme":
+            kwargs.update(_case_kwargs("lora", params, largest, scratch))
+        return kwargs
+    raise ValueError(f"unknown case {case!r}; use lora, lora-nvme or full-nvme")
 
 
 def load_case(case: str, folder: Path, params: int, largest: int, scratch: Path) -> dict:
@@ -272,8 +276,8 @@ def _base_dir() -> Path:
 def test_load(benchmark):
     params = QUICK_PARAMS if _quick() else 0.7e9
     benchmark.group = "load"
-    result = benchmark.pedantic(run, args=(params, torch.bfloat16, ["lora", "full-nvme"],
-                                           _base_dir()), rounds=1, iterations=1)
+    result = benchmark.pedantic(run, args=(params, torch.bfloat16, ["lora", "lora-nvme",
+                                                                 "full-nvme"], _base_dir()), rounds=1, iterations=1)
     for case in result["cases"]:
         assert case["seconds"] > 0 and case["rss_growth"] > 0, case
     benchmark.extra_info.update(result)
@@ -283,7 +287,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=0.7e9)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--cases", default="lora,full-nvme")
+    parser.add_argument("--cases", default="lora,lora-nvme,full-nvme")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -1,5 +1,5 @@
-"""Soak: a long paged run with every optimizer state on NVMe, a checkpoint every 100 steps,
-and the model dropped and wrapped anew every 250 steps. RSS, pinned host bytes, open files and
+"""Soak: a long paged run with every chunk (parameters and optimizer states) on NVMe, a
+checkpoint every 100 steps, and the model dropped and wrapped anew every 250 steps. RSS, pinned host bytes, open files and
 threads must stay flat: a leak of any of them shows as a rise from one phase to the next.
 
     .venv/bin/python bench/bench_soak.py [--steps 1000] [--device cpu|cuda] [--json PATH]
@@ -47,18 +47,22 @@ def _model() -> GPT:
 
 
 def _wrap(device: str, nvme_dir: str):
+    from heteromem.memory.host_plan import cache_floor
+    from heteromem.memory.nvme import staging_bytes
+
     model = _model()
     n = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     chunk_mb = largest * 4 * 1.01 / 2**20
-    slot = 3 * -(-int(chunk_mb * 2**20) // 4096) * 4096
-    # Host: parameters and their fp32 gradient buffers, two staging slots; every optimizer
-    # state goes to NVMe. Device: 40% of the parameters.
-    host = n * 8 + 64 * 1024 + 2 * slot
+    capacity = int(chunk_mb * 2**20) // 4
+    staging = staging_bytes(capacity, 2, torch.float32)
+    # Host: the staging pool and a cache of a few chunks, nothing resident: every chunk's
+    # parameters and optimizer states live in its NVMe image. Device: 40% of the parameters.
+    host = staging + cache_floor(capacity, torch.float32, 3)
     model, opt = hm.wrap(model, device=device, dtype=torch.float32, lr=1e-3, chunk_mb=chunk_mb,
                          device_memory=max(int(n * 4 * 0.4), 3 * largest * 4 + 4096),
-                         host_memory=host, nvme_dir=nvme_dir, nvme_staging=2 * slot)
-    assert hm.report(model).tiers["nvme"].current_bytes > 0, "the states must be on NVMe"
+                         host_memory=host, nvme_dir=nvme_dir, nvme_staging=staging)
+    assert hm.report(model).nvme_chunks > 0, "the chunks must be on NVMe"
     return model, opt
 
 
