@@ -97,14 +97,17 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
             f"accumulate gradients: {format_bytes(total)} in all)",
             what="the chunks (parameters, optimizer states, gradient accumulation)")
     host_capacity = max(c.host_capacity for c in chunks) if chunks else 0
-    if not sharded:
-        frozen_only = _plan_frozen_on_nvme(costs, dtype, budget, host_capacity, chunks_at_once,
-                                           staging_budget)
+    frozen_needed = None  # the host bytes the frozen-only plan needs, where it applies
+    if not sharded and any(not c.trainable for c in chunks):
+        frozen_only, frozen_needed = _plan_frozen_on_nvme(costs, dtype, budget, host_capacity,
+                                                          chunks_at_once, staging_budget)
         if frozen_only is not None:
             return frozen_only
     layout = state_layout(chunks)
     if staging_slots < MIN_STAGING_SLOTS:
         slot = staging_bytes(host_capacity, 1, dtype, layout)
+        if frozen_needed is not None and frozen_needed > budget:
+            raise _short(frozen_needed, budget)
         raise ValueError(f"hm.wrap: nvme_staging={format_bytes(staging_budget or 0)} holds "
                          f"fewer than {MIN_STAGING_SLOTS} chunk images ({format_bytes(slot)} "
                          f"each); raise it to at least {format_bytes(MIN_STAGING_SLOTS * slot)} "
@@ -122,7 +125,9 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
             f"{chunks_at_once + 1} chunk(s) ({format_bytes(floor)}: lower chunk_mb)"
             + (f" and each rank's reduced gradients ({format_bytes(shard_parts)})"
                if shard_parts else "")
-            + f"; raise host_memory to at least {format_bytes(fixed)}",
+            + f"; raise host_memory to at least {format_bytes(fixed)}"
+            + (f", or to {format_bytes(frozen_needed)} to keep every trainable chunk on the "
+               "host and send only frozen ones to NVMe" if frozen_needed else ""),
             what="the NVMe staging pool and host cache")
     left = budget - fixed
     for chunk, nbytes in costs:
@@ -135,11 +140,21 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
     return plan
 
 
+def _short(needed: int, budget: int) -> OutOfMemory:
+    return OutOfMemory(
+        "host", needed, budget,
+        f"with nvme_dir and only frozen chunks on NVMe the host holds every trainable chunk, "
+        f"two staging slots and a cache of frozen chunks' parameters; raise host_memory to at "
+        f"least {format_bytes(needed)} or lower chunk_mb",
+        what="the trainable chunks, NVMe staging pool and host cache")
+
+
 def _plan_frozen_on_nvme(costs: list[tuple[Chunk, int]], dtype: torch.dtype, budget: int,
-                         capacity: int, chunks_at_once: int,
-                         staging_budget: int | None) -> HostPlan | None:
+                         capacity: int, chunks_at_once: int, staging_budget: int | None
+                         ) -> tuple[HostPlan | None, int | None]:
     """The plan with only frozen chunks on NVMe, when every trainable chunk fits on the host
-    beside a staging pool and a cache sized for frozen images; else None.
+    beside a staging pool and a cache sized for frozen images (else None), and the host
+    bytes that needs (None if nvme_staging is too small for it).
 
     A frozen chunk's image is its parameters only and is never updated: staging it needs a
     ninth of a trainable image's bytes (bf16), and its cache buffer no room for gradients.
@@ -149,18 +164,17 @@ def _plan_frozen_on_nvme(costs: list[tuple[Chunk, int]], dtype: torch.dtype, bud
     slots = MIN_STAGING_SLOTS  # a frozen image is staged only to be placed, loaded or stored
     staging = staging_bytes(capacity, slots, dtype, trainable=False)
     if staging_budget is not None and staging_budget < staging:
-        return None
+        return None, None
     floor = (chunks_at_once + 1) * capacity * dtype.itemsize
+    needed = staging + floor + sum(b for c, b in costs if c.trainable)
+    if needed > budget:
+        return None, needed
     left = budget - staging - floor
     plan = HostPlan(staging_bytes=staging, staging_slots=slots, staging_trainable=False)
     for chunk, nbytes in costs:
         if chunk.trainable:
-            if nbytes > left:
-                return None
             plan.resident_bytes[id(chunk)] = nbytes
             left -= nbytes
-    if left < 0:
-        return None
     for chunk, nbytes in costs:
         if chunk.trainable:
             continue
@@ -170,4 +184,4 @@ def _plan_frozen_on_nvme(costs: list[tuple[Chunk, int]], dtype: torch.dtype, bud
         else:
             plan.on_nvme.add(id(chunk))
     plan.cache_bytes = floor + left
-    return plan
+    return plan, needed
