@@ -18,6 +18,9 @@ one process and with the files dropped from the page cache before each measureme
   faster run) and the peak RSS growth (VmHWM after resetting it through /proc/self/clear_refs,
   minus RSS before; the larger run);
   - `lora`: LoRA adapters (r=8 on q/v) over the frozen base; bf16 compute.
+  - `lora-nvme`: the same LoRA load with `nvme_dir` and a host budget of the adapters, two
+    frozen-image staging slots and a values-only cache of 3 chunks, so the frozen base's
+    chunks go to NVMe as they are filled.
   - `full-nvme`: every parameter trainable, bf16 compute, `host_memory` of a 2-chunk staging
     pool and a host cache of a few chunks, so every chunk (parameters and optimizer states)
     goes to `nvme_dir` as it is filled.
@@ -176,7 +179,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def _case_kwargs(case: str, params: int, largest: int, scratch: Path) -> dict:
+def _case_kwargs(case: str, config, params: int, scratch: Path) -> dict:
+    largest = config.vocab_size * config.hidden_size
     if case == "lora":
         import peft
 
@@ -189,20 +193,27 @@ def _case_kwargs(case: str, params: int, largest: int, scratch: Path) -> dict:
         chunk = max(largest, min(DEFAULT_CHUNK_ELEMS, -(-params // 8)))
         # A small host budget: a 2-slot staging pool and a cache of a few chunks, so every
         # chunk (parameters, and optimizer states where trainable) goes to NVMe.
-        staging = staging_bytes(chunk, 2, torch.bfloat16)
         # (chunk_mb pinned to that chunk: LoRA's adapters would otherwise move the default.)
-        kwargs = dict(host_memory=staging + cache_floor(chunk, torch.bfloat16, 4),
-                      nvme_dir=str(nvme), nvme_staging=staging, chunk_mb=chunk * 2 / 2**20)
-        if case == "lora-nvme":
-            kwargs.update(_case_kwargs("lora", params, largest, scratch))
-        return kwargs
+        kwargs = dict(nvme_dir=str(nvme), chunk_mb=chunk * 2 / 2**20)
+        if case == "full-nvme":
+            staging = staging_bytes(chunk, 2, torch.bfloat16)
+            return dict(kwargs, host_memory=staging + cache_floor(chunk, torch.bfloat16, 4),
+                        nvme_staging=staging)
+        # LoRA: the adapters stay on the host (fp32 master, moments and gradients: 18 bytes a
+        # parameter, a slot's padding each), the frozen base goes to NVMe with frozen-image
+        # staging slots and a cache of values only: the chunks a layer pins, one read ahead.
+        h = config.hidden_size
+        adapters = config.num_hidden_layers * 2 * (8 * 2 * h + 2 * 256)
+        host = (staging_bytes(chunk, 2, torch.bfloat16, trainable=False)
+                + 3 * chunk * 2 + adapters * 18)
+        return dict(kwargs, host_memory=host, **_case_kwargs("lora", config, params, scratch))
     raise ValueError(f"unknown case {case!r}; use lora, lora-nvme or full-nvme")
 
 
-def load_case(case: str, folder: Path, params: int, largest: int, scratch: Path) -> dict:
+def load_case(case: str, folder: Path, config, params: int, scratch: Path) -> dict:
     import heteromem as hm
 
-    kwargs = _case_kwargs(case, params, largest, scratch)
+    kwargs = _case_kwargs(case, config, params, scratch)
     gc.collect()
     drop_cache(folder)
     before = _rss()
@@ -241,7 +252,7 @@ def run(params: float, dtype: torch.dtype, cases: list[str], base: Path) -> dict
     try:
         for case in cases:
             # The drive and the (shared) CPU vary: the faster of two loads, the larger RSS.
-            runs = [load_case(case, folder, n, config.vocab_size * config.hidden_size, scratch)
+            runs = [load_case(case, folder, config, n, scratch)
                     for _ in range(2)]
             r = min(runs, key=lambda x: x["seconds"])
             r["rss_growth"] = max(x["rss_growth"] for x in runs)

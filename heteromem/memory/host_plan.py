@@ -29,7 +29,7 @@ import torch
 from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.memory.chunk import Chunk
 from heteromem.memory.layout import state_layout
-from heteromem.memory.nvme import staging_bytes
+from heteromem.memory.nvme import MIN_STAGING_SLOTS, staging_bytes
 
 FP32_BYTES = 4
 
@@ -39,6 +39,10 @@ class HostPlan:
     on_nvme: set[int] = field(default_factory=set)  # id(chunk) of the chunks on NVMe
     cache_bytes: int = 0                             # the host cache of NVMe chunks
     staging_bytes: int = 0                           # the NVMe staging pool
+    staging_slots: int = 0                           # ... in slots of one image each
+    # False when only frozen chunks went to NVMe: staging slots and cache hold no states or
+    # gradients (LoRA over a base larger than the host budget).
+    staging_trainable: bool = True
     shard_bytes: int = 0                             # sharded: every reduced gradient part
     # Sharded: room left free for the whole-chunk accumulation buffers, which the sharded
     # manager reserves and releases around each reduction.
@@ -67,9 +71,11 @@ def cache_floor(capacity: int, dtype: torch.dtype, chunks_at_once: int) -> int:
 
 
 def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme: bool,
-              staging_slots: int, chunks_at_once: int, sharded: bool) -> HostPlan:
+              staging_slots: int, chunks_at_once: int, sharded: bool,
+              staging_budget: int | None = None) -> HostPlan:
     """Places every chunk on the host or (with `nvme`) the NVMe tier so that the host needs
-    at most `budget` bytes at any time; raises OutOfMemory for the host tier when it cannot."""
+    at most `budget` bytes at any time; raises OutOfMemory for the host tier when it cannot.
+    `staging_slots` trainable-image slots fit `staging_budget` (nvme_staging, or None)."""
     # Sharded, every trainable chunk's reduced gradient part stays on the host, and local
     # gradients gather in whole-chunk accumulation buffers only until the chunk is reduced,
     # which happens as soon as its gradients are complete: room for a few at once.
@@ -91,8 +97,23 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
             f"accumulate gradients: {format_bytes(total)} in all)",
             what="the chunks (parameters, optimizer states, gradient accumulation)")
     host_capacity = max(c.host_capacity for c in chunks) if chunks else 0
-    plan.staging_bytes = staging_bytes(host_capacity, staging_slots, dtype,
-                                       state_layout(chunks))
+    frozen_needed = None  # the host bytes the frozen-only plan needs, where it applies
+    if not sharded and any(not c.trainable for c in chunks):
+        frozen_only, frozen_needed = _plan_frozen_on_nvme(costs, dtype, budget, host_capacity,
+                                                          chunks_at_once, staging_budget)
+        if frozen_only is not None:
+            return frozen_only
+    layout = state_layout(chunks)
+    if staging_slots < MIN_STAGING_SLOTS:
+        slot = staging_bytes(host_capacity, 1, dtype, layout)
+        if frozen_needed is not None and frozen_needed > budget:
+            raise _short(frozen_needed, budget)
+        raise ValueError(f"hm.wrap: nvme_staging={format_bytes(staging_budget or 0)} holds "
+                         f"fewer than {MIN_STAGING_SLOTS} chunk images ({format_bytes(slot)} "
+                         f"each); raise it to at least {format_bytes(MIN_STAGING_SLOTS * slot)} "
+                         "or lower chunk_mb")
+    plan.staging_slots = staging_slots
+    plan.staging_bytes = staging_bytes(host_capacity, staging_slots, dtype, layout)
     floor = cache_floor(host_capacity, dtype, chunks_at_once)
     shard_parts = plan.shard_bytes + plan.transient_bytes
     fixed = plan.staging_bytes + floor + shard_parts
@@ -104,7 +125,9 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
             f"{chunks_at_once + 1} chunk(s) ({format_bytes(floor)}: lower chunk_mb)"
             + (f" and each rank's reduced gradients ({format_bytes(shard_parts)})"
                if shard_parts else "")
-            + f"; raise host_memory to at least {format_bytes(fixed)}",
+            + f"; raise host_memory to at least {format_bytes(fixed)}"
+            + (f", or to {format_bytes(frozen_needed)} to keep every trainable chunk on the "
+               "host and send only frozen ones to NVMe" if frozen_needed else ""),
             what="the NVMe staging pool and host cache")
     left = budget - fixed
     for chunk, nbytes in costs:
@@ -115,3 +138,50 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
             plan.on_nvme.add(id(chunk))
     plan.cache_bytes = floor + left
     return plan
+
+
+def _short(needed: int, budget: int) -> OutOfMemory:
+    return OutOfMemory(
+        "host", needed, budget,
+        f"with nvme_dir and only frozen chunks on NVMe the host holds every trainable chunk, "
+        f"two staging slots and a cache of frozen chunks' parameters; raise host_memory to at "
+        f"least {format_bytes(needed)} or lower chunk_mb",
+        what="the trainable chunks, NVMe staging pool and host cache")
+
+
+def _plan_frozen_on_nvme(costs: list[tuple[Chunk, int]], dtype: torch.dtype, budget: int,
+                         capacity: int, chunks_at_once: int, staging_budget: int | None
+                         ) -> tuple[HostPlan | None, int | None]:
+    """The plan with only frozen chunks on NVMe, when every trainable chunk fits on the host
+    beside a staging pool and a cache sized for frozen images (else None), and the host
+    bytes that needs (None if nvme_staging is too small for it).
+
+    A frozen chunk's image is its parameters only and is never updated: staging it needs a
+    ninth of a trainable image's bytes (bf16), and its cache buffer no room for gradients.
+    LoRA over a base larger than the host budget then needs about (chunks at once + 3)
+    chunks of parameters on the host, not the trainable pool's staging. Trainable chunks
+    are kept first (they are the ones an update touches)."""
+    slots = MIN_STAGING_SLOTS  # a frozen image is staged only to be placed, loaded or stored
+    staging = staging_bytes(capacity, slots, dtype, trainable=False)
+    if staging_budget is not None and staging_budget < staging:
+        return None, None
+    floor = (chunks_at_once + 1) * capacity * dtype.itemsize
+    needed = staging + floor + sum(b for c, b in costs if c.trainable)
+    if needed > budget:
+        return None, needed
+    left = budget - staging - floor
+    plan = HostPlan(staging_bytes=staging, staging_slots=slots, staging_trainable=False)
+    for chunk, nbytes in costs:
+        if chunk.trainable:
+            plan.resident_bytes[id(chunk)] = nbytes
+            left -= nbytes
+    for chunk, nbytes in costs:
+        if chunk.trainable:
+            continue
+        if nbytes <= left:
+            plan.resident_bytes[id(chunk)] = nbytes
+            left -= nbytes
+        else:
+            plan.on_nvme.add(id(chunk))
+    plan.cache_bytes = floor + left
+    return plan, needed

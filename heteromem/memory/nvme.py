@@ -113,9 +113,13 @@ def image_bytes(capacity: int, dtype: torch.dtype, trainable: bool = True,
 
 
 def staging_bytes(capacity: int, slots: int = DEFAULT_STAGING_SLOTS,
-                  dtype: torch.dtype = torch.bfloat16, states: StateLayout = FP32_MOMENTS) -> int:
+                  dtype: torch.dtype = torch.bfloat16, states: StateLayout = FP32_MOMENTS,
+                  trainable: bool = True) -> int:
     """Host bytes of a staging pool of `slots` slots: a trainable image (with the
-    optimizer's `states`) plus an fp32 gradient region each."""
+    optimizer's `states`) plus an fp32 gradient region each; with `trainable=False` (only
+    frozen chunks on NVMe) a frozen image each, which is never updated."""
+    if not trainable:
+        return slots * image_bytes(capacity, dtype, False)
     return slots * (image_bytes(capacity, dtype, True, states) + region_bytes(capacity))
 
 
@@ -141,6 +145,9 @@ class SlotPool:
         self.file: IoFile = engine.open(path, create=True)
         self.count = 0
         self.free: deque[int] = deque()
+        # Slots never written since the file got their room: they read as zeros (set_size
+        # allocates zeroed blocks), so a chunk placed there needs no zeros written.
+        self.fresh: set[int] = set()
         self._lock = threading.Lock()
 
     def grow(self, slots: int) -> None:
@@ -156,6 +163,7 @@ class SlotPool:
             raise
         with self._lock:
             self.free.extend(range(self.count, self.count + slots))
+            self.fresh.update(range(self.count, self.count + slots))
             self.count += slots
 
     def take(self) -> int:
@@ -173,6 +181,11 @@ class SlotPool:
     def offset(self, slot: int) -> int:
         return slot * self.slot_bytes
 
+    def written(self, slot: int) -> None:
+        """A write to `slot` is being submitted: it no longer reads as zeros."""
+        with self._lock:
+            self.fresh.discard(slot)
+
     def shrink_if_unused(self) -> None:
         """Gives every slot's disk space back when none is in use (the gradients a step
         spilled are all read: the file need not keep its size until the next spill)."""
@@ -182,6 +195,7 @@ class SlotPool:
             self.engine.set_size(self.file, 0)
             self.tier.release(self.count * self.slot_bytes)
             self.free.clear()
+            self.fresh.clear()
             self.count = 0
 
     def close(self) -> None:
@@ -209,12 +223,14 @@ class SpilledGrads:
 
 
 class StagingSlot:
-    """One aligned host buffer: a trainable chunk's image, then an fp32 gradient region."""
+    """One aligned host buffer: a chunk's image (a trainable one's), then an fp32 gradient
+    region (none when only frozen chunks are on NVMe: their images are never updated)."""
 
     def __init__(self, layout: ImageLayout, pin: bool) -> None:
         self.layout = layout
         self.grad_offset = layout.nbytes
-        self.buffer = aligned_empty(layout.nbytes + region_bytes(layout.capacity), pin=pin)
+        grads = region_bytes(layout.capacity) if layout.trainable else 0
+        self.buffer = aligned_empty(layout.nbytes + grads, pin=pin)
 
     def view(self, name: str, used: int, layout: ImageLayout | None = None) -> torch.Tensor:
         """Region `name` for a chunk of `used` elements (its items: a block-scale region
@@ -233,7 +249,7 @@ class StagingSlot:
 class NvmeTier:
     def __init__(self, nvme_dir: str, capacity: int, dtype: torch.dtype, staging_slots: int,
                  host_tier: Tier, pin: bool, owner: object, spares: int | None,
-                 states: StateLayout = FP32_MOMENTS) -> None:
+                 states: StateLayout = FP32_MOMENTS, trainable_staging: bool = True) -> None:
         self.root = os.path.join(nvme_dir, f"heteromem-{os.getpid()}-{secrets.token_hex(4)}")
         os.makedirs(self.root)
         # Removed with the wrapped model, and at interpreter exit (finalize runs atexit too).
@@ -246,6 +262,9 @@ class NvmeTier:
         self.states = states  # the optimizer's state layout, in every trainable image
         self.layouts = {t: ImageLayout(capacity, dtype, t, states) for t in (True, False)}
         self.slot_count = staging_slots
+        # False when the host plan put only frozen chunks here (LoRA over a large base): the
+        # staging slots then hold a frozen image, a ninth of a trainable one in bf16.
+        self.trainable_staging = trainable_staging
         # Spare slots per pool: one per write that can be in flight (None: one per chunk,
         # for steps that commit all at once).
         self.spares = spares
@@ -282,7 +301,8 @@ class NvmeTier:
 
     @property
     def staging_bytes(self) -> int:
-        return staging_bytes(self.capacity, self.slot_count, self.dtype, self.states)
+        return staging_bytes(self.capacity, self.slot_count, self.dtype, self.states,
+                             self.trainable_staging)
 
     def reserve_staging(self) -> None:
         """Allocates the staging pool (reserved on the host tier) unless it exists."""
@@ -290,7 +310,15 @@ class NvmeTier:
             return
         self.host_tier.reserve(self.staging_bytes, "the NVMe staging pool", advice=(
             "raise host_memory or lower nvme_staging"))
-        self.slots = [StagingSlot(self.layouts[True], self.pin) for _ in range(self.slot_count)]
+        self.slots = [StagingSlot(self.layouts[self.trainable_staging], self.pin)
+                      for _ in range(self.slot_count)]
+
+    def _check_staging(self, chunk: Chunk) -> None:
+        if chunk.trainable and not self.trainable_staging:
+            # NOTE: the host plan keeps every trainable chunk on the host in this case; a
+            # trainable image here would overrun the frozen-sized staging slots.
+            raise RuntimeError("heteromem internal error: a trainable chunk's image is on NVMe "
+                               "but the staging pool was sized for frozen chunks only")
 
     # ------------------------------------------------------------------ placing images
 
@@ -302,6 +330,7 @@ class NvmeTier:
         to be filled, gaps included, and then written by `place_staged` (hold `staging_lock`
         across both). The optimizer's regions are not staged: they start as zeros."""
         self.reserve_staging()
+        self._check_staging(chunk)
         layout = self.layouts[chunk.trainable]
         staging = self.slots[0]
         return {name: staging.view(name, chunk.host_len, layout) for name in layout.regions
@@ -315,20 +344,25 @@ class NvmeTier:
         pool = self._pool_of(chunk)
         slot = pool.take()
         base = pool.offset(slot)
+        fresh = slot in pool.fresh
         tickets = []
         try:
+            pool.written(slot)
             for name, region in layout.regions.items():
                 offset, nbytes = region.offset, aligned(region.nbytes(self.capacity))
                 if name in VALUES:
                     tickets.append(self.engine.submit_write(
                         pool.file, base + offset, staging.buffer[offset:offset + nbytes]))
+                    self.bytes_written += nbytes
                     continue
+                if fresh:  # already zeros on disk: the optimizer's start costs no writes
+                    continue
+                self.bytes_written += nbytes
                 zeros = self._zeros()
                 for at in range(0, nbytes, zeros.numel()):
                     n = min(zeros.numel(), nbytes - at)
                     tickets.append(self.engine.submit_write(pool.file, base + offset + at,
                                                             zeros[:n]))
-            self.bytes_written += layout.nbytes
             for ticket in tickets:
                 self._wait(ticket)
         except BaseException:
@@ -365,6 +399,7 @@ class NvmeTier:
                 skip: int = 0) -> int:
         offset = pool.offset(slot) + skip
         if write:
+            pool.written(slot)
             self.bytes_written += buf.numel()
             return self.engine.submit_write(pool.file, offset, buf)
         self.bytes_read += buf.numel()
@@ -384,6 +419,7 @@ class NvmeTier:
     def submit_read_states(self, chunk: Chunk, staging: StagingSlot) -> int:
         """Starts reading what an update needs of the image (the optimizer's regions; in fp32
         the parameters, which are the master) into `staging`."""
+        self._check_staging(chunk)
         image = chunk.nvme
         start = image.layout.state_offset()
         return self._submit(image.pool, image.slot,
@@ -412,6 +448,7 @@ class NvmeTier:
         """Reads the chunk's whole image into staging slot `slot_index`; returns views by
         region name, valid until that slot is used again (`store` writes changes back)."""
         self.reserve_staging()
+        self._check_staging(chunk)
         staging = self.slots[slot_index]
         image = chunk.nvme
         with self.staging_lock:

@@ -19,8 +19,8 @@ from heteromem.memory.manager import ChunkManager
 from heteromem.memory.host_cache import HostCache
 from heteromem.memory.host_plan import plan_host
 from heteromem.memory.manager import PREFETCH_CHUNKS
-from heteromem.memory.nvme import (DEFAULT_STAGING_SLOTS, MIN_STAGING_SLOTS, NvmeTier,
-                                   check_nvme_dir, nvme_disk_bytes, staging_bytes)
+from heteromem.memory.nvme import (DEFAULT_STAGING_SLOTS, NvmeTier, check_nvme_dir,
+                                   nvme_disk_bytes, staging_bytes)
 from heteromem.memory.placement import promote_planned
 from heteromem.memory.repack import can_repack, repack
 from heteromem.memory.sizes import parse_size
@@ -338,11 +338,11 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     # host cache of NVMe chunks must hold their values at the same time.
     at_once = working_set + len(kept) + (PREFETCH_CHUNKS if dev.type == "cuda" else 0)
     plan = plan_host(chunks, dtype, host_budget, nvme_dir is not None, staging_slots, at_once,
-                     sharded=comm is not None)
+                     sharded=comm is not None, staging_budget=staging_budget)
     if plan.on_nvme:
         trainable_images = sum(1 for c in chunks if id(c) in plan.on_nvme and c.trainable)
         frozen_images = len(plan.on_nvme) - trainable_images
-        spares = None if comm is not None else staging_slots
+        spares = None if comm is not None else plan.staging_slots
         # Image slots as large as the fullest chunk on NVMe, not the chunk capacity: a chunk
         # a large parameter did not fit into the rest of is mostly not full.
         image_capacity = max(c.host_len for c in chunks if id(c) in plan.on_nvme)
@@ -358,9 +358,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             source.prepare(chunks)
         if plan.on_nvme:
             # Sharded steps commit only once every rank has written: a spare per chunk.
-            nvme = NvmeTier(os.fspath(nvme_dir), image_capacity, dtype, staging_slots,
+            nvme = NvmeTier(os.fspath(nvme_dir), image_capacity, dtype, plan.staging_slots,
                             host_tier, pin=dev.type == "cuda", owner=model,
-                            spares=spares, states=kind.layout)
+                            spares=spares, states=kind.layout,
+                            trainable_staging=plan.staging_trainable)
             undo.nvme = nvme
             nvme.plan(trainable_images, frozen_images)
         fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
@@ -454,12 +455,9 @@ def _check_working_set(model: torch.nn.Module, slots_by_module: dict, kept_chunk
 
 def _staging_slots(staging_budget: int | None, capacity: int, dtype: torch.dtype,
                    kind: OptimizerKind) -> int:
-    slot = staging_bytes(capacity, 1, dtype, kind.layout)
+    """Trainable-image staging slots in `staging_budget` (nvme_staging; the default count
+    without one). The host plan refuses fewer than MIN_STAGING_SLOTS if trainable chunks go to
+    NVMe; frozen ones alone need smaller slots."""
     if staging_budget is None:
         return DEFAULT_STAGING_SLOTS
-    slots = staging_budget // slot
-    if slots < MIN_STAGING_SLOTS:
-        raise ValueError(f"hm.wrap: nvme_staging={format_bytes(staging_budget)} holds fewer than "
-                         f"{MIN_STAGING_SLOTS} chunk images ({format_bytes(slot)} each); raise it "
-                         f"to at least {format_bytes(MIN_STAGING_SLOTS * slot)} or lower chunk_mb")
-    return slots
+    return staging_budget // staging_bytes(capacity, 1, dtype, kind.layout)
