@@ -194,21 +194,36 @@ def plan(model: object = None, *, params: int | None = None, gpu: str | None = N
     transient = (working + 1) * chunk_elems * 4 * gpus if gpus > 1 else 0
     staging = staging_bytes(rank_chunk, 4, dtype, kind.layout) * gpus
     cache = cache_floor(rank_chunk, dtype, working) * gpus
-    on_host_fraction = 1.0
+    on_host_fraction = frozen_on_host = 1.0
     nvme_fixed = 0
+    spare_slots = math.ceil(4 * chunk_elems * (elem + state_elem))
+    train_bytes = math.ceil(off_device * per_train)
+    frozen_staging = staging_bytes(rank_chunk, 2, dtype, trainable=False)
+    frozen_cache = (working + 1) * rank_chunk * elem
     if resident_all + transient + kept_params > host and disk is not None:
-        # What does not fit goes to NVMe whole (parameters and states); the host keeps a
-        # staging pool and a cache of those chunks' values and gradients.
-        nvme_fixed = staging + cache
-        room = host - nvme_fixed - transient - kept_params
-        on_host_fraction = max(0.0, min(1.0, room / resident_all)) if resident_all else 1.0
+        if (gpus == 1 and frozen
+                and train_bytes + frozen_staging + frozen_cache + kept_params <= host):
+            # As hm.wrap plans a frozen base (LoRA): every trainable chunk stays on the host
+            # and only frozen chunks go to NVMe, with staging and a cache for their values.
+            staging, cache = frozen_staging, frozen_cache
+            nvme_fixed = staging + cache
+            room = host - nvme_fixed - kept_params - train_bytes
+            frozen_on_host = max(0.0, min(1.0, room / (frozen * elem)))
+            spare_slots = 2 * chunk_elems * elem
+        else:
+            # What does not fit goes to NVMe whole (parameters and states); the host keeps a
+            # staging pool and a cache of those chunks' values and gradients.
+            nvme_fixed = staging + cache
+            room = host - nvme_fixed - transient - kept_params
+            on_host_fraction = max(0.0, min(1.0, room / resident_all)) if resident_all else 1.0
+            frozen_on_host = on_host_fraction
     # Rounded up: the host keeps at most its share, so a plan that fits never needs more host
     # memory than it has, not even by the bytes of a rounded fraction.
     nvme_train = math.ceil(off_device * (1 - on_host_fraction))
-    nvme_frozen = math.ceil(frozen * (1 - on_host_fraction))
+    nvme_frozen = math.ceil(frozen * (1 - frozen_on_host))
     host_train, host_frozen = off_device - nvme_train, frozen - nvme_frozen
     image = math.ceil(nvme_train * (elem + state_elem)) + nvme_frozen * elem
-    spares = math.ceil(4 * chunk_elems * (elem + state_elem)) if image else 0
+    spares = spare_slots if image else 0
     on_device_bytes = math.ceil(on_device * (device_state_elem + elem))
     host_states = math.ceil(host_train * state_elem)
     tiers = {

@@ -142,6 +142,29 @@ def test_frozen_parameters_need_no_state():
         hm.plan("llama-70b", gpu="rtx4090", host_memory="256GiB", trainable=0.1, lora_rank=8)
 
 
+def test_lora_over_a_base_larger_than_the_host_sends_only_frozen_chunks_to_nvme():
+    """LoRA on a 70B base with 64 GiB of host memory (the bf16 base is 128 GiB): as hm.wrap
+    plans it, the adapters' states stay off NVMe, only frozen chunks go to NVMe, and the host keeps
+    two frozen-image staging slots and a values-only cache, not trainable staging."""
+    from heteromem.memory.nvme import staging_bytes
+
+    p = hm.plan("llama-70b", gpu="rtx4090", host_memory="64GiB", nvme="4TiB", lora_rank=16,
+                figures=FIG)
+    assert p.fits, str(p)
+    assert p.state_params["nvme"] == 0
+    assert p.state_params["host"] + p.state_params["device"] == p.trainable_params
+    frozen = p.model.params - p.trainable_params
+    assert 0 < p.tiers["nvme"].parts["parameters and optimizer states (one copy)"] < frozen * 2
+    assert p.tiers["nvme"].parts["parameters and optimizer states (one copy)"] > 60 * GiB
+    chunk = p.chunk_bytes // 2
+    assert p.tiers["host"].parts["NVMe staging"] == staging_bytes(chunk, 2, torch.bfloat16,
+                                                                  trainable=False)
+    assert p.tiers["host"].needed <= 64 * GiB
+    # The whole model trainable on the same host needs trainable staging (nine times larger).
+    full = hm.plan("llama-70b", gpu="rtx4090", host_memory="64GiB", nvme="4TiB", figures=FIG)
+    assert full.tiers["host"].parts["NVMe staging"] > 8 * p.tiers["host"].parts["NVMe staging"]
+
+
 def test_70b_on_one_24gb_gpu_and_1t_on_eight_gpus():
     p = hm.plan("llama-70b", gpu_memory="24GiB", host_memory="512GiB", nvme="4TiB", figures=FIG)
     assert p.fits, str(p)
