@@ -129,7 +129,13 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
             + (f", or to {format_bytes(frozen_needed)} to keep every trainable chunk on the "
                "host and send only frozen ones to NVMe" if frozen_needed else ""),
             what="the NVMe staging pool and host cache")
-    left = budget - fixed
+    _fill(plan, costs, budget - fixed, floor)
+    return plan
+
+
+def _fill(plan: HostPlan, costs: list[tuple[Chunk, int]], left: int, floor: int) -> None:
+    """Keeps chunks on the host in packing order while they fit `left` bytes; the others go
+    to NVMe, and what is left joins the cache's `floor`."""
     for chunk, nbytes in costs:
         if nbytes <= left:
             plan.resident_bytes[id(chunk)] = nbytes
@@ -137,7 +143,6 @@ def plan_host(chunks: list[Chunk], dtype: torch.dtype, budget: int | None, nvme:
         else:
             plan.on_nvme.add(id(chunk))
     plan.cache_bytes = floor + left
-    return plan
 
 
 def _short(needed: int, budget: int) -> OutOfMemory:
@@ -169,19 +174,7 @@ def _plan_frozen_on_nvme(costs: list[tuple[Chunk, int]], dtype: torch.dtype, bud
     needed = staging + floor + sum(b for c, b in costs if c.trainable)
     if needed > budget:
         return None, needed
-    left = budget - staging - floor
     plan = HostPlan(staging_bytes=staging, staging_slots=slots, staging_trainable=False)
-    for chunk, nbytes in costs:
-        if chunk.trainable:
-            plan.resident_bytes[id(chunk)] = nbytes
-            left -= nbytes
-    for chunk, nbytes in costs:
-        if chunk.trainable:
-            continue
-        if nbytes <= left:
-            plan.resident_bytes[id(chunk)] = nbytes
-            left -= nbytes
-        else:
-            plan.on_nvme.add(id(chunk))
-    plan.cache_bytes = floor + left
+    plan.resident_bytes = {id(c): b for c, b in costs if c.trainable}
+    _fill(plan, [(c, b) for c, b in costs if not c.trainable], budget - needed, floor)
     return plan, needed

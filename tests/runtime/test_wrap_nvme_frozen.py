@@ -7,13 +7,15 @@ as zeros, which the parity tests (test_wrap_nvme.py) rely on bit for bit."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import heteromem as hm
 from heteromem.memory.host_plan import cache_floor
 from heteromem.memory.nvme import VALUES, aligned, staging_bytes
-from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs
+from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, train_steps
 
 
 def _freeze_the_base(model: torch.nn.Module) -> None:
@@ -21,17 +23,6 @@ def _freeze_the_base(model: torch.nn.Module) -> None:
     projection and the final norm), the rest frozen."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith("proj.weight") or name.startswith("ln_f"))
-
-
-def _train(model, opt, batches) -> list[float]:
-    losses = []
-    for idx, tgt in batches:
-        loss = model(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def _lora_like(dtype: torch.dtype):
@@ -71,7 +62,7 @@ def test_frozen_base_goes_to_nvme_with_a_budget_too_small_for_trainable_staging(
     assert report.details["nvme staging pool (host)"] == frozen_staging
     assert report.tiers["host"].budget_bytes == budget
     batches = gpt_batches(cfg, 5, batch=4)
-    assert _train(wrapped, opt, batches) == _train(plain, popt, batches)
+    assert train_steps(wrapped, opt, batches) == train_steps(plain, popt, batches)
     assert report.tiers["host"].peak_bytes <= budget
     got, want = wrapped.state_dict(), plain.state_dict()
     for name, value in want.items():
@@ -112,3 +103,39 @@ def test_a_wrap_writes_only_the_values_of_each_image(tmp_path):
                  for name, region in c.nvme.layout.regions.items() if name in VALUES)
     whole = sum(c.nvme.layout.nbytes for c in on_nvme)
     assert nvme.bytes_written == values < whole / 2  # bf16: 6 of 14 bytes a parameter
+
+
+def test_a_sweep_of_budgets_over_a_frozen_base_trains_the_same(tmp_path):
+    """Budgets from below the frozen-only plan's minimum up to one that holds everything: once
+    a budget wraps, every larger one does too (a larger budget never fails where a smaller one
+    works), trains to the same losses, and keeps no more chunks on NVMe; below the minimum the
+    error names the frozen-only minimum."""
+    dtype = torch.float32
+    cfg, ref, model, kwargs, capacity = _lora_like(dtype)
+    batches = gpt_batches(cfg, 3, batch=4)
+    # Everything on the host: the frozen parameters (4 bytes each in fp32, slot padding
+    # aside) and the trainable chunks. (Counted before ref is wrapped.)
+    frozen = sum(p.numel() + 256 for p in ref.parameters() if not p.requires_grad)
+    whole = frozen * 4 + _trainable_bytes(ref, dtype)
+    plain, popt = hm.wrap(ref, device="cpu", lr=1e-3, **dict(kwargs, dtype=dtype))
+    want = train_steps(plain, popt, batches)
+    estimate = (staging_bytes(capacity, 2, dtype, trainable=False) + 5 * capacity * 4
+                + _trainable_bytes(ref, dtype))
+    outcomes = []
+    for budget in torch.linspace(estimate // 2, whole, 10).long().tolist():
+        try:
+            wrapped, opt = hm.wrap(copy.deepcopy(model), device="cpu", lr=1e-3,
+                                   host_memory=budget, nvme_dir=str(tmp_path),
+                                   **dict(kwargs, dtype=dtype))
+        except hm.OutOfMemory as exc:
+            assert "only frozen" in str(exc), exc
+            assert not outcomes or outcomes[-1] == "refused", (budget, outcomes)
+            outcomes.append("refused")
+            continue
+        assert train_steps(wrapped, opt, batches) == want, budget
+        outcomes.append(hm.report(wrapped).nvme_chunks)
+        del wrapped, opt
+    counts = [n for n in outcomes if n != "refused"]
+    assert outcomes[0] == "refused" and counts[-1] == 0, outcomes
+    assert len([n for n in counts if n > 0]) >= 2, outcomes
+    assert counts == sorted(counts, reverse=True), outcomes
