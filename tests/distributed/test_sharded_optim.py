@@ -12,7 +12,8 @@ import torch
 import heteromem as hm
 from heteromem.ops.reference import dequantize_8bit
 from test_sharded import _config, _run
-from wrap_helpers import TOL, assert_losses_close, assert_params_close, gpt_batches, gpt_pair
+from wrap_helpers import (TOL, assert_losses_close, assert_params_close, gpt_batches, gpt_pair,
+                          train_steps)
 
 KWARGS = {"AGD": dict(lr=1e-3, weight_decay=0.1), "AdamW8bit": dict(lr=3e-3, weight_decay=0.1)}
 # NOTE: summing gradients over ranks rounds differently from one process (test_sharded.py).
@@ -35,13 +36,7 @@ def _reference(name: str, config: dict) -> tuple[list[float], dict, dict]:
     opt = getattr(hm.optim, name)(ref.parameters(), **KWARGS[name])
     batches = gpt_batches(cfg, config["skip"] + config["steps"], seed=1,
                           batch=config["batch"])[config["skip"]:]
-    losses = []
-    for idx, tgt in batches:
-        loss = ref(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(ref, opt, batches)
     return losses, ref.state_dict(), opt.state_dict()
 
 

@@ -18,7 +18,7 @@ import torch
 
 import heteromem as hm
 from wrap_helpers import (assert_losses_close, assert_params_close, gpt_batches, gpt_pair,
-                          nvme_host_budget, paging_kwargs)
+                          nvme_host_budget, paging_kwargs, train_accumulating)
 
 STAGING_SLOTS = 2
 # On a GPU the same paths run with the device tier in GPU memory and pinned host buffers.
@@ -47,18 +47,7 @@ def _host_state_fraction(model: torch.nn.Module) -> float:
 
 
 def _train(model, opt, batches, accumulate: int = 1) -> list[float]:
-    losses = []
-    for idx, tgt in batches:
-        total = 0.0
-        for part in range(accumulate):
-            sl = slice(part * idx.shape[0] // accumulate, (part + 1) * idx.shape[0] // accumulate)
-            loss = model(idx[sl], tgt[sl]) / accumulate
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses
+    return train_accumulating(model, opt, batches, accumulate)
 
 
 _TIGHT_BUDGET = nvme_host_budget(torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(4))),

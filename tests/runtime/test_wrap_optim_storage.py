@@ -15,7 +15,8 @@ import torch
 import heteromem as hm
 from heteromem.optim import AGD, Adam8bit, AdamW8bit
 from heteromem.runtime.checkpoint import layout
-from wrap_helpers import gpt_batches, gpt_pair, nvme_host_budget, paging_kwargs, train_steps
+from wrap_helpers import (gpt_batches, gpt_pair, nvme_host_budget, paging_kwargs,
+                          train_accumulating, train_steps)
 
 OPTIMIZERS = [AGD, AdamW8bit, Adam8bit]
 IDS = [c.__name__ for c in OPTIMIZERS]
@@ -199,21 +200,8 @@ def test_bf16_8bit_states_on_nvme_with_accumulation_equal_the_wrap_without_nvme(
     plain, popt = hm.wrap(ref, _optimizer(ref, AdamW8bit), device="cpu", dtype=torch.bfloat16,
                           **_plain_kwargs(kwargs))
 
-    def train(m, o, batches) -> list[float]:
-        losses = []
-        for idx, tgt in batches:
-            total = 0.0
-            for rows in (slice(0, 2), slice(2, 4)):
-                loss = m(idx[rows], tgt[rows]) / 2
-                loss.backward()
-                total += loss.item()
-            o.step()
-            o.zero_grad()
-            losses.append(total)
-        return losses
-
     batches = gpt_batches(cfg, 4, batch=4)
-    assert train(model, opt, batches) == train(plain, popt, batches)
+    assert train_accumulating(model, opt, batches) == train_accumulating(plain, popt, batches)
     _same_tensors(model.state_dict(), plain.state_dict())
     _same_optimizer_state(
         _state_through_a_checkpoint(tmp_path, model, opt, AdamW8bit, torch.bfloat16, kwargs),

@@ -106,6 +106,23 @@ def assert_params_close(got: dict, ref: dict, tol: float = TOL, skip: tuple[str,
     assert checked > 0
 
 
+def train_accumulating(model, opt, batches, accumulate: int = 2) -> list[float]:
+    """One step per (idx, tgt) batch, its rows split into `accumulate` micro-batches whose
+    gradients add up (each loss divided by `accumulate`); returns each step's summed loss."""
+    losses = []
+    for idx, tgt in batches:
+        total = 0.0
+        for part in range(accumulate):
+            rows = slice(part * idx.shape[0] // accumulate, (part + 1) * idx.shape[0] // accumulate)
+            loss = model(idx[rows], tgt[rows]) / accumulate
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
 def train_steps(model, opt, batches, scheduler=None) -> list[float]:
     """One forward/backward/step per (idx, tgt) batch; returns the losses."""
     losses = []
