@@ -10,6 +10,10 @@ spare slot and then *commits* by pointing the chunk at that slot, the old one be
 spare. So each chunk's update is atomic (its old image or its new one, never a mix), and a
 failed write leaves the old image in place.
 
+A frozen chunk loaded from safetensors files that hold its parameters in the compute dtype
+(`hm.from_pretrained`, `hm.wrap(weights=...)`) has no image in the pools: its `FileImage`
+reads them from those files (`file_image.py`), so a LoRA base is never copied here.
+
 A sharded model commits only once every rank has written all its chunks (`agree`), so that no
 rank moves on without the others: its pools then hold a spare slot for every chunk.
 
@@ -30,6 +34,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -38,6 +43,7 @@ import torch
 from heteromem.errors import OutOfMemory, format_bytes
 from heteromem.io import IoEngine, IoFile, aligned_empty
 from heteromem.memory.chunk import Chunk
+from heteromem.memory.file_image import FileImage, FileSpan, SourceFiles
 from heteromem.memory.tiers import Tier
 from heteromem.optim.layout import FP32_MOMENTS, StateLayout
 
@@ -273,6 +279,8 @@ class NvmeTier:
         # both step chunks; loads and stores hold slot 0 between them only when quiet).
         self.staging_lock = threading.RLock()
         self._pools: dict[str, SlotPool] = {}
+        # The checkpoint files frozen chunks loaded from them are read from (`FileImage`).
+        self.sources = SourceFiles()
         self._zero_block: torch.Tensor | None = None
         self.bytes_read = 0
         self.bytes_written = 0
@@ -372,6 +380,14 @@ class NvmeTier:
             raise
         chunk.nvme = NvmeImage(pool, slot, layout)
 
+    def place_from_files(self, chunk: Chunk, spans: list[FileSpan]) -> None:
+        """Gives the frozen `chunk` an image that is its checkpoint files: `spans` say where
+        its parameter bytes are (compute dtype). Nothing is read or written now."""
+        assert not chunk.trainable
+        self.sources.open({s.path for s in spans})
+        chunk.nvme = FileImage.of(spans, chunk.host_len * self.dtype.itemsize,
+                                  self.layouts[False])
+
     def _zeros(self) -> torch.Tensor:
         if self._zero_block is None:
             self._zero_block = aligned_empty(ZERO_BLOCK).zero_()
@@ -380,15 +396,19 @@ class NvmeTier:
     def drop(self, chunk: Chunk) -> None:
         """The chunk's image is no longer needed (its state moved elsewhere)."""
         image, chunk.nvme = chunk.nvme, None
-        image.pool.give(image.slot)
+        if not isinstance(image, FileImage):
+            image.pool.give(image.slot)
         self.drop_grads(chunk)
 
     # ------------------------------------------------------------------ reading and writing
 
-    def _wait(self, ticket: int) -> None:
+    def _wait(self, ticket: int | Future) -> None:
         start = time.perf_counter()
         try:
-            self.engine.wait(ticket)
+            if isinstance(ticket, Future):  # a read of checkpoint files (`FileImage`)
+                ticket.result()
+            else:
+                self.engine.wait(ticket)
         finally:
             end = time.perf_counter()
             self.wait_seconds += end - start
@@ -411,9 +431,12 @@ class NvmeTier:
         to wait."""
         image = chunk.nvme
         raw = into[: aligned(chunk.host_len * image.layout.dtype.itemsize)]
+        if isinstance(image, FileImage):
+            self.bytes_read += sum(s.nbytes for s in image.spans)
+            return self.sources.submit_read(image, raw)
         return self._submit(image.pool, image.slot, raw, write=False)
 
-    def wait(self, ticket: int) -> None:
+    def wait(self, ticket: int | Future) -> None:
         self._wait(ticket)
 
     def submit_read_states(self, chunk: Chunk, staging: StagingSlot) -> int:
@@ -452,14 +475,29 @@ class NvmeTier:
         staging = self.slots[slot_index]
         image = chunk.nvme
         with self.staging_lock:
-            self._wait(self._submit(image.pool, image.slot, staging.image(image.layout),
-                                    write=False))
+            if isinstance(image, FileImage):
+                self._wait(self.submit_read_params(chunk, staging.image(image.layout)))
+            else:
+                self._wait(self._submit(image.pool, image.slot, staging.image(image.layout),
+                                        write=False))
         return {name: staging.view(name, chunk.host_len, image.layout)
                 for name in image.layout.regions}
 
     def store(self, chunk: Chunk, slot_index: int = 0) -> None:
         """Writes staging slot `slot_index` (filled by `load` and changed) as the chunk's new
-        image, atomically: into a spare slot, then committed."""
+        image, atomically: into a spare slot, then committed. A chunk read from checkpoint
+        files gets an image of its own in the frozen pool (the files are never written)."""
+        if isinstance(chunk.nvme, FileImage):
+            pool, staging = self.pool("frozen"), self.slots[slot_index]
+            slot = pool.take()
+            try:
+                self._wait(self._submit(pool, slot, staging.image(chunk.nvme.layout),
+                                        write=True))
+            except BaseException:
+                pool.give(slot)
+                raise
+            chunk.nvme = NvmeImage(pool, slot, chunk.nvme.layout)
+            return
         ticket, slot = self.submit_write_image(chunk, self.slots[slot_index])
         try:
             self._wait(ticket)
@@ -604,9 +642,12 @@ class NvmeTier:
                 self.abandon(chunk, slot)
             raise
 
-    def _drain(self, ticket: int) -> None:
+    def _drain(self, ticket: int | Future) -> None:
         try:
-            self.engine.wait(ticket)
+            if isinstance(ticket, Future):
+                ticket.result()
+            else:
+                self.engine.wait(ticket)
         except OSError:
             pass
 
@@ -624,6 +665,7 @@ class NvmeTier:
         for pool in self._pools.values():
             pool.close()
         self.engine.shutdown()
+        self.sources.close()
         self._cleanup()
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from heteromem.memory.chunk import ParamSlot
+from heteromem.memory.file_image import FileSpan
 from heteromem.runtime.materialize import to_materialized
 from heteromem.runtime import weights as wfiles
 
@@ -213,19 +214,43 @@ class Materializer:
 
     # ------------------------------------------------------------------ values
 
-    def prepare(self, chunks: list) -> None:
+    def file_spans(self, chunk, dtype: torch.dtype) -> list[FileSpan] | None:
+        """Where the files hold every parameter of `chunk` byte for byte in `dtype` (the
+        compute dtype), so the chunk can be read from them instead of copied: None when one
+        parameter is not from the files, is stored in another dtype, or the chunk is sharded
+        (its host part is not whole tensors)."""
+        if self.plan is None or chunk.world != 1:
+            return None
+        spans = []
+        for slot in chunk.slots:
+            if not self.plan.has(slot.param):
+                return None
+            _, entry = self.plan.source[id(slot.param)]
+            nbytes = slot.numel * dtype.itemsize
+            if wfiles.torch_dtype(entry.dtype) != dtype or entry.end - entry.begin != nbytes:
+                return None
+            spans.append(FileSpan(entry.file, entry.begin, slot.offset * dtype.itemsize, nbytes))
+        return spans
+
+    def prepare(self, chunks: list, skipped: set[int] = frozenset()) -> None:
         """Changes the model for the first time (inside wrap's put-back-on-failure): PEFT
         adapters on the meta device are made by PEFT's own init. With `weights`, starts
-        reading the files in the order `fill_chunks` will ask for `chunks`' slots, at most
+        reading the files in the order `fill_chunks` will ask for `chunks`' slots (but those
+        of the chunks in `skipped`, ids of chunks read from the files later), at most
         `READ_AHEAD_BYTES` or one chunk, whichever is less (one tensor at least), ahead."""
         from heteromem.integrations import lora
         for layer, adapter, init in self.adapters:
             lora.materialize_adapter(layer, adapter, init)
         if self.plan is not None and chunks:
-            order = [self.plan.source[id(s.param)] for c in chunks for s in c.slots
-                     if self.plan.has(s.param)]
+            order = [self.plan.source[id(s.param)] for c in chunks if id(c) not in skipped
+                     for s in c.slots if self.plan.has(s.param)]
             chunk_bytes = chunks[0].capacity * chunks[0].dtype.itemsize
             self.prefetch = wfiles.Prefetch(order, min(READ_AHEAD_BYTES, chunk_bytes))
+
+    def skip(self, slot: ParamSlot) -> None:
+        """`fill_chunks` for a slot of a chunk read from the files (`file_spans`): its values
+        are not needed now; the parameter becomes an empty CPU tensor as after `values`."""
+        to_materialized(slot.param, torch.empty(0, dtype=slot.param.dtype))
 
     def values(self, slot: ParamSlot) -> torch.Tensor:
         """`fill_chunks`' source: the parameter's values. A meta parameter is left an empty

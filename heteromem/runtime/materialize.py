@@ -17,6 +17,7 @@ import torch
 
 from heteromem.distributed import shard as sharding
 from heteromem.memory.chunk import Chunk, ParamSlot
+from heteromem.memory.file_image import FileSpan
 from heteromem.memory.host_plan import HostPlan
 from heteromem.memory.nvme import NvmeTier
 from heteromem.memory.tiers import Tier
@@ -32,12 +33,16 @@ def live_values(slot: ParamSlot) -> torch.Tensor:
 
 
 def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: Tier,
-                nvme: NvmeTier | None, plan: HostPlan, source: Source = live_values) -> None:
+                nvme: NvmeTier | None, plan: HostPlan, source: Source = live_values,
+                from_files: dict[int, list[FileSpan]] | None = None,
+                skip: Callable[[ParamSlot], None] | None = None) -> None:
     """Writes every slot's values from `source` into its chunk, chunk by chunk and slot by slot
     in order: into host buffers for the chunks the plan keeps on the host (reserving what the
     plan gave them), into an image on the NVMe tier (through a staging slot) for the others.
     One chunk's values are in host memory at a time besides the host-resident chunks.
-    `source(slot)` is called exactly once per slot, in that order."""
+    `source(slot)` is called exactly once per slot, in that order, except for the slots of
+    the chunks in `from_files` (id -> where the checkpoint files hold them): those chunks are
+    read from the files when needed, and `skip(slot)` is called for their slots instead."""
     advice = "raise host_memory" + ("" if nvme is not None else
                                     ", or set nvme_dir so chunks that do not fit go to NVMe")
     if plan.staging_bytes:
@@ -46,6 +51,12 @@ def fill_chunks(chunks: list[Chunk], dtype: torch.dtype, pin: bool, host_tier: T
         host_tier.reserve(plan.shard_bytes, "the reduced gradients of every chunk",
                           advice=advice)
     for chunk in chunks:
+        spans = (from_files or {}).get(id(chunk))
+        if spans is not None:
+            for slot in chunk.slots:
+                skip(slot)
+            nvme.place_from_files(chunk, spans)
+            continue
         if id(chunk) in plan.on_nvme:
             with nvme.staging_lock:
                 views = nvme.staging_views(chunk)

@@ -339,13 +339,24 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     at_once = working_set + len(kept) + (PREFETCH_CHUNKS if dev.type == "cuda" else 0)
     plan = plan_host(chunks, dtype, host_budget, nvme_dir is not None, staging_slots, at_once,
                      sharded=comm is not None, staging_budget=staging_budget)
+    # Frozen chunks on NVMe whose values the weights files hold in the compute dtype are
+    # read from those files when needed: no copy is written, and the disk needs no room.
+    from_files = {}
+    if source is not None and nvme_dir is not None:
+        for c in chunks:
+            if id(c) in plan.on_nvme and not c.trainable:
+                spans = source.file_spans(c, dtype)
+                if spans is not None:
+                    from_files[id(c)] = spans
     if plan.on_nvme:
         trainable_images = sum(1 for c in chunks if id(c) in plan.on_nvme and c.trainable)
-        frozen_images = len(plan.on_nvme) - trainable_images
+        frozen_images = len(plan.on_nvme) - trainable_images - len(from_files)
         spares = None if comm is not None else plan.staging_slots
         # Image slots as large as the fullest chunk on NVMe, not the chunk capacity: a chunk
         # a large parameter did not fit into the rest of is mostly not full.
         image_capacity = max(c.host_len for c in chunks if id(c) in plan.on_nvme)
+        # (A chunk read from the files gets a frozen image only if a checkpoint is loaded
+        # into it: that slot is taken then, and the disk checked then.)
         check_nvme_dir(nvme_dir, nvme_disk_bytes(image_capacity, dtype, trainable_images,
                                                  frozen_images, spares, kind.layout))
 
@@ -355,7 +366,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     nvme = None
     try:
         if source is not None:
-            source.prepare(chunks)
+            source.prepare(chunks, set(from_files))
         if plan.on_nvme:
             # Sharded steps commit only once every rank has written: a spare per chunk.
             nvme = NvmeTier(os.fspath(nvme_dir), image_capacity, dtype, plan.staging_slots,
@@ -365,7 +376,8 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             undo.nvme = nvme
             nvme.plan(trainable_images, frozen_images)
         fill_chunks(chunks, dtype, pin=dev.type == "cuda", host_tier=host_tier, nvme=nvme,
-                    plan=plan, source=live_values if source is None else source.values)
+                    plan=plan, source=live_values if source is None else source.values,
+                    from_files=from_files, skip=None if source is None else source.skip)
         if source is not None:
             source.finish()  # buffers: they are made after the parameters
         buffer_dtypes = [(m, n, b.dtype) for m in model.modules() for n, b in m._buffers.items()
