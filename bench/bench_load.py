@@ -20,7 +20,8 @@ one process and with the files dropped from the page cache before each measureme
   - `lora`: LoRA adapters (r=8 on q/v) over the frozen base; bf16 compute.
   - `lora-nvme`: the same LoRA load with `nvme_dir` and a host budget of the adapters, two
     frozen-image staging slots and a values-only cache of 3 chunks, so the frozen base's
-    chunks go to NVMe as they are filled.
+    chunks go to NVMe; the files hold them in the compute dtype (bf16), so they are read from
+    the files when needed and nothing is copied (docs/nvme.md).
   - `full-nvme`: every parameter trainable, bf16 compute, `host_memory` of a 2-chunk staging
     pool and a host cache of a few chunks, so every chunk (parameters and optimizer states)
     goes to `nvme_dir` as it is filled.
