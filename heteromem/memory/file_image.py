@@ -1,11 +1,13 @@
-"""Frozen chunks read straight from the checkpoint files they were loaded from.
+"""Chunks read straight from the checkpoint files they were loaded from.
 
-A frozen chunk that `hm.wrap(..., weights=...)` / `hm.from_pretrained` puts on the NVMe tier
-needs no image of its own when the files hold its parameters in the compute dtype: its values
-never change, so the tier reads them from the safetensors files at the tensors' offsets (one
-read per tensor; the alignment gaps between them are zeros). Loading LoRA over a base larger
-than host memory then writes nothing and reads nothing at wrap, and the disk holds no second
-copy of the base.
+A chunk that `hm.wrap(..., weights=...)` / `hm.from_pretrained` puts on the NVMe tier needs
+no copy of its values when the files hold its parameters in the compute dtype: the tier reads
+them from the safetensors files at the tensors' offsets (one read per tensor; the alignment
+gaps between them are zeros). A frozen chunk's image is those files for good (`FileImage`);
+a trainable chunk's image (`NvmeImage.values`) has them there until its first update writes
+a whole image, its fp32 master being their exact upcast, as the wrap would have written it.
+So a load onto NVMe reads only the headers and writes nothing (the optimizer's regions start
+as the zeros of fresh pool slots), and the disk holds no second copy of a frozen base.
 
 The files are opened read-only and stay open while the model lives (a file replaced by a new
 one, as a download or an export does, keeps the old one readable); a file changed in place
@@ -13,8 +15,8 @@ since the wrap is refused at the next read, naming it. The reads are buffered (s
 offsets are not 4096-aligned, and the page cache serves a base read every step), on two
 threads of their own, so they overlap the host -> device copies like the tier's other reads.
 
-A chunk that must be written (a checkpoint loaded into it) gets an ordinary image in the
-frozen pool first (`NvmeTier.store`).
+A frozen chunk that must be written (a checkpoint loaded into it) gets an ordinary image in
+the frozen pool first (`NvmeTier.store`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -93,15 +95,17 @@ class SourceFiles:
             if path not in self._files:
                 self._files[path] = _Source(path)
 
-    def submit_read(self, image: FileImage, into: torch.Tensor) -> Future:
+    def submit_read(self, image: FileImage, into: torch.Tensor,
+                    then: Callable[[], None] | None = None) -> Future:
         """Starts reading the image's parameter bytes into the front of `into` (a uint8 host
-        buffer at least as long), gaps zeroed; `result()` raises OSError naming the file."""
+        buffer at least as long), gaps zeroed, then calls `then()` on the reader thread;
+        `result()` raises OSError naming the file."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="heteromem-ckpt")
         self.bytes_read += sum(s.nbytes for s in image.spans)
-        return self._pool.submit(self._read, image, into)
+        return self._pool.submit(self._read, image, into, then)
 
-    def _read(self, image: FileImage, into: torch.Tensor) -> None:
+    def _read(self, image: FileImage, into: torch.Tensor, then: Callable[[], None] | None) -> None:
         view = memoryview(into.numpy()).cast("B")
         for lo, hi in image.gaps:
             into[lo:hi].zero_()
@@ -124,6 +128,8 @@ class SourceFiles:
                                   "the model was loaded from it; restore it, or load the "
                                   "model again")
                 done += n
+        if then is not None:
+            then()
 
     def close(self) -> None:
         if self._pool is not None:

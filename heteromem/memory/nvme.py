@@ -210,11 +210,14 @@ class SlotPool:
 
 @dataclass(eq=False)
 class NvmeImage:
-    """Where a chunk's image is: its pool and slot."""
+    """Where a chunk's image is: its pool and slot. `values`: the chunk's parameter values
+    (and fp32 master) are not in the slot yet but in checkpoint files, until the chunk's
+    first update commits a whole image."""
 
     pool: SlotPool
     slot: int
     layout: ImageLayout
+    values: FileImage | None = None
 
 
 @dataclass(eq=False)
@@ -347,24 +350,42 @@ class NvmeTier:
     def place_staged(self, chunk: Chunk) -> None:
         """Gives `chunk` an image holding what `staging_views` returned, and zero optimizer
         state (written from one small zeroed buffer: a wrap touches only the values' pages)."""
+        chunk.nvme = self._place(chunk, self.slots[0])
+
+    def place_from_files(self, chunk: Chunk, spans: list[FileSpan]) -> None:
+        """Gives `chunk` an image whose parameter values are in checkpoint files: `spans` say
+        where its parameter bytes are (compute dtype). A frozen chunk's image is those files;
+        a trainable one gets a slot with zero optimizer state (nothing written in a fresh
+        slot), and its values (and fp32 master, their exact upcast) are read from the files
+        until its first update commits a whole image. Nothing else is read or written now."""
+        self.sources.open({s.path for s in spans})
+        values = FileImage.of(spans, chunk.host_len * self.dtype.itemsize,
+                              self.layouts[chunk.trainable])
+        chunk.nvme = values if not chunk.trainable else self._place(chunk, None, values)
+
+    def _place(self, chunk: Chunk, staging: StagingSlot | None,
+               values: FileImage | None = None) -> NvmeImage:
+        """A slot for `chunk` holding the values regions of `staging` (none: their values are
+        in `values`' files) and zero optimizer regions."""
         layout = self.layouts[chunk.trainable]
-        staging = self.slots[0]
         pool = self._pool_of(chunk)
         slot = pool.take()
         base = pool.offset(slot)
         fresh = slot in pool.fresh
         tickets = []
         try:
-            pool.written(slot)
             for name, region in layout.regions.items():
                 offset, nbytes = region.offset, aligned(region.nbytes(self.capacity))
                 if name in VALUES:
-                    tickets.append(self.engine.submit_write(
-                        pool.file, base + offset, staging.buffer[offset:offset + nbytes]))
-                    self.bytes_written += nbytes
+                    if staging is not None:
+                        pool.written(slot)
+                        tickets.append(self.engine.submit_write(
+                            pool.file, base + offset, staging.buffer[offset:offset + nbytes]))
+                        self.bytes_written += nbytes
                     continue
                 if fresh:  # already zeros on disk: the optimizer's start costs no writes
                     continue
+                pool.written(slot)
                 self.bytes_written += nbytes
                 zeros = self._zeros()
                 for at in range(0, nbytes, zeros.numel()):
@@ -378,15 +399,7 @@ class NvmeTier:
                 self._drain(ticket)
             pool.give(slot)
             raise
-        chunk.nvme = NvmeImage(pool, slot, layout)
-
-    def place_from_files(self, chunk: Chunk, spans: list[FileSpan]) -> None:
-        """Gives the frozen `chunk` an image that is its checkpoint files: `spans` say where
-        its parameter bytes are (compute dtype). Nothing is read or written now."""
-        assert not chunk.trainable
-        self.sources.open({s.path for s in spans})
-        chunk.nvme = FileImage.of(spans, chunk.host_len * self.dtype.itemsize,
-                                  self.layouts[False])
+        return NvmeImage(pool, slot, layout, values)
 
     def _zeros(self) -> torch.Tensor:
         if self._zero_block is None:
@@ -431,22 +444,54 @@ class NvmeTier:
         to wait."""
         image = chunk.nvme
         raw = into[: aligned(chunk.host_len * image.layout.dtype.itemsize)]
-        if isinstance(image, FileImage):
-            self.bytes_read += sum(s.nbytes for s in image.spans)
-            return self.sources.submit_read(image, raw)
+        values = image if isinstance(image, FileImage) else image.values
+        if values is not None:
+            return self._read_files(values, raw)
         return self._submit(image.pool, image.slot, raw, write=False)
+
+    def _read_files(self, values: FileImage, into: torch.Tensor,
+                    then: Callable[[], None] | None = None) -> Future:
+        self.bytes_read += sum(s.nbytes for s in values.spans)
+        return self.sources.submit_read(values, into, then)
+
+    def _read_values_into(self, chunk: Chunk, staging: StagingSlot) -> Future:
+        """Reads the values of a chunk whose image has them in checkpoint files into
+        `staging`'s parameter region, then its fp32 master region (if any) as their upcast:
+        what the wrap would have written there."""
+        layout = chunk.nvme.layout
+
+        def master() -> None:
+            if "master" in layout.regions:
+                staging.view("master", chunk.host_len, layout).copy_(
+                    staging.view("params", chunk.host_len, layout))
+
+        return self._read_files(chunk.nvme.values, staging.image(layout), master)
 
     def wait(self, ticket: int | Future) -> None:
         self._wait(ticket)
 
-    def submit_read_states(self, chunk: Chunk, staging: StagingSlot) -> int:
-        """Starts reading what an update needs of the image (the optimizer's regions; in fp32
-        the parameters, which are the master) into `staging`."""
+    def submit_read_states(self, chunk: Chunk, staging: StagingSlot) -> list[int | Future]:
+        """Starts reading what an update needs of the image (the fp32 master and the
+        optimizer's regions; in fp32 the parameters are the master) into `staging`; returns
+        the tickets to wait. Values still in checkpoint files are read from there."""
         self._check_staging(chunk)
         image = chunk.nvme
-        start = image.layout.state_offset()
-        return self._submit(image.pool, image.slot,
-                            staging.image(image.layout)[start:], write=False, skip=start)
+        if image.values is None:
+            start = image.layout.state_offset()
+            return [self._submit(image.pool, image.slot, staging.image(image.layout)[start:],
+                                 write=False, skip=start)]
+        names = [r.name for r in image.layout.states.state_regions]
+        tickets: list[int | Future] = [self._read_values_into(chunk, staging)]
+        if names:
+            start = image.layout.regions[names[0]].offset
+            try:
+                tickets.append(self._submit(image.pool, image.slot,
+                                            staging.image(image.layout)[start:], write=False,
+                                            skip=start))
+            except BaseException:
+                self._drain(tickets[0])
+                raise
+        return tickets
 
     def submit_write_image(self, chunk: Chunk, staging: StagingSlot) -> tuple[int, int]:
         """Starts writing `staging` as the chunk's new image into a spare slot; returns
@@ -462,6 +507,7 @@ class NvmeTier:
     def commit(self, chunk: Chunk, slot: int) -> None:
         image = chunk.nvme
         old, image.slot = image.slot, slot
+        image.values = None  # the new image was written whole
         image.pool.give(old)
 
     def abandon(self, chunk: Chunk, slot: int) -> None:
@@ -480,6 +526,8 @@ class NvmeTier:
             else:
                 self._wait(self._submit(image.pool, image.slot, staging.image(image.layout),
                                         write=False))
+                if image.values is not None:
+                    self._wait(self._read_values_into(chunk, staging))
         return {name: staging.view(name, chunk.host_len, image.layout)
                 for name in image.layout.regions}
 
@@ -595,7 +643,7 @@ class NvmeTier:
             staging = free.popleft()
             target = chunks[next_read]
             next_read += 1
-            tickets = [self.submit_read_states(target, self.slots[staging])]
+            tickets = self.submit_read_states(target, self.slots[staging])
             if target.grad_spill is not None:
                 tickets.append(self.submit_read_grads(target, self.slots[staging]))
             reads.append((target, staging, tickets))

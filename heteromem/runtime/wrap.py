@@ -339,18 +339,21 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     at_once = working_set + len(kept) + (PREFETCH_CHUNKS if dev.type == "cuda" else 0)
     plan = plan_host(chunks, dtype, host_budget, nvme_dir is not None, staging_slots, at_once,
                      sharded=comm is not None, staging_budget=staging_budget)
-    # Frozen chunks on NVMe whose values the weights files hold in the compute dtype are
-    # read from those files when needed: no copy is written, and the disk needs no room.
+    # Chunks on NVMe whose values the weights files hold in the compute dtype are read from
+    # those files when needed instead of copied: a frozen chunk always (its image is the
+    # files: no disk room), a trainable one until its first update writes a whole image
+    # (`memory/file_image.py`).
     from_files = {}
     if source is not None and nvme_dir is not None:
         for c in chunks:
-            if id(c) in plan.on_nvme and not c.trainable:
+            if id(c) in plan.on_nvme:
                 spans = source.file_spans(c, dtype)
                 if spans is not None:
                     from_files[id(c)] = spans
     if plan.on_nvme:
         trainable_images = sum(1 for c in chunks if id(c) in plan.on_nvme and c.trainable)
-        frozen_images = len(plan.on_nvme) - trainable_images - len(from_files)
+        frozen_images = sum(1 for c in chunks if id(c) in plan.on_nvme and not c.trainable
+                            and id(c) not in from_files)
         spares = None if comm is not None else plan.staging_slots
         # Image slots as large as the fullest chunk on NVMe, not the chunk capacity: a chunk
         # a large parameter did not fit into the rest of is mostly not full.

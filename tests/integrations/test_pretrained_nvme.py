@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
 
 import heteromem as hm  # noqa: E402
 from heteromem.memory.nvme import staging_bytes  # noqa: E402
-from wrap_helpers import paging_kwargs  # noqa: E402
+from wrap_helpers import nvme_host_budget, paging_kwargs  # noqa: E402
 
 VOCAB = 256
 
@@ -67,13 +67,21 @@ def _small_host(saved: torch.nn.Module, dtype: torch.dtype, chunk_mb: float) -> 
             + trainable)
 
 
-def _load(path: Path, saved: torch.nn.Module, dtype: torch.dtype, nvme: Path | None):
-    kwargs = _kwargs(saved, dtype)
+def _load(path: Path, saved: torch.nn.Module, dtype: torch.dtype, nvme: Path | None,
+          lora: bool = True, **extra):
+    """LoRA over the base (or, `lora=False`, every parameter trained); with `nvme`, a host
+    budget that leaves every base chunk (every chunk) on NVMe."""
+    kwargs = dict(_kwargs(saved, dtype), **extra)
     if nvme is not None:
         nvme.mkdir(exist_ok=True)
-        kwargs.update(nvme_dir=str(nvme),
-                      host_memory=_small_host(saved, dtype, kwargs["chunk_mb"]))
+        kwargs["nvme_dir"] = str(nvme)
+        if lora:
+            kwargs["host_memory"] = _small_host(saved, dtype, kwargs["chunk_mb"])
+        else:
+            kwargs.update(nvme_host_budget(saved, dtype, kwargs["chunk_mb"], 0.0))
     torch.manual_seed(5)  # the adapters' init
+    if not lora:
+        return hm.from_pretrained(path, **kwargs)
     return hm.from_pretrained(path, peft_config=_lora(), **kwargs)
 
 
@@ -127,6 +135,43 @@ def test_a_frozen_base_on_nvme_is_read_from_the_files_and_trains_exactly(tmp_pat
     hm.export_pretrained(model, tmp_path / "merged", merged=True)
     hm.export_pretrained(plain, tmp_path / "merged-plain", merged=True)
     assert _digest(tmp_path / "merged") == _digest(tmp_path / "merged-plain")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_full_fine_tune_loaded_onto_nvme_writes_nothing_and_trains_exactly(tmp_path, dtype):
+    """Every chunk trainable and on NVMe: the load writes nothing (values and masters are read
+    from the files until each chunk's first update, the moments start as zeros), and training,
+    a checkpoint before the first step, and one after it are exactly those of a load with
+    every chunk on the host."""
+    path, saved = _save(tmp_path, dtype)
+    before = _digest(path)
+    model, opt = _load(path, saved, dtype, tmp_path / "nvme", lora=False)
+    plain, popt = _load(path, saved, dtype, None, lora=False)
+    report = hm.report(model)
+    assert report.nvme_chunks > len(model._heteromem.manager.chunks) / 2
+    assert report.details["nvme written"] == 0
+    _assert_same_state(model, plain)
+    hm.save_checkpoint(tmp_path / "ckpt0", model, opt)
+    assert _train(model, opt, 4) == _train(plain, popt, 4)
+    _assert_same_state(model, plain)
+    hm.save_checkpoint(tmp_path / "ckpt4", model, opt)
+    assert _digest(path) == before
+    # Resumed from the checkpoint taken before any update: the same run again.
+    again, aopt = _load(path, saved, dtype, tmp_path / "nvme2", lora=False)
+    hm.load_checkpoint(tmp_path / "ckpt0", again, aopt)
+    fresh, fopt = _load(path, saved, dtype, None, lora=False)
+    assert _train(again, aopt, 4) == _train(fresh, fopt, 4)
+    _assert_same_state(again, model)
+
+
+def test_a_full_fine_tune_from_the_files_updates_during_backward_exactly(tmp_path):
+    path, saved = _save(tmp_path, torch.bfloat16)
+    model, opt = _load(path, saved, torch.bfloat16, tmp_path / "nvme", lora=False,
+                       step_in_backward=True)
+    plain, popt = _load(path, saved, torch.bfloat16, None, lora=False, step_in_backward=True)
+    assert hm.report(model).nvme_chunks > 0
+    assert _train(model, opt, 4) == _train(plain, popt, 4)
+    _assert_same_state(model, plain)
 
 
 def test_a_base_stored_in_another_dtype_is_copied_to_nvme(tmp_path):
