@@ -22,9 +22,11 @@ one process and with the files dropped from the page cache before each measureme
     frozen-image staging slots and a values-only cache of 3 chunks, so the frozen base's
     chunks go to NVMe; the files hold them in the compute dtype (bf16), so they are read from
     the files when needed and nothing is copied (docs/nvme.md).
-  - `full-nvme`: every parameter trainable, bf16 compute, `host_memory` of a 2-chunk staging
-    pool and a host cache of a few chunks, so every chunk (parameters and optimizer states)
-    goes to `nvme_dir` as it is filled.
+  - `full-nvme`: every parameter trainable, bf16 compute, `host_memory` of a 2-slot staging
+    pool and a host cache of two chunks (the least it takes), so every chunk (parameters and
+    optimizer states) goes to `nvme_dir`; each chunk's values (and fp32 master, their upcast)
+    are read from the files until its first update, and its moments start as the zeros of a
+    fresh slot, so the load writes nothing.
 
 Targets (issue 16): RSS growth at most 0.3x the checkpoint's bytes, load time at most 1.5x the
 read time. With `nvme_dir`, a wrap touches one chunk's values at a time (the staging slot it
@@ -198,7 +200,7 @@ def _case_kwargs(case: str, config, params: int, scratch: Path) -> dict:
         kwargs = dict(nvme_dir=str(nvme), chunk_mb=chunk * 2 / 2**20)
         if case == "full-nvme":
             staging = staging_bytes(chunk, 2, torch.bfloat16)
-            return dict(kwargs, host_memory=staging + cache_floor(chunk, torch.bfloat16, 4),
+            return dict(kwargs, host_memory=staging + cache_floor(chunk, torch.bfloat16, 2),
                         nvme_staging=staging)
         # LoRA: the adapters stay on the host (fp32 master, moments and gradients: 18 bytes a
         # parameter, a slot's padding each), the frozen base goes to NVMe with frozen-image
