@@ -22,7 +22,8 @@ peft = pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
 
 import heteromem as hm  # noqa: E402
-from wrap_helpers import assert_losses_close, assert_params_close, paging_kwargs  # noqa: E402
+from wrap_helpers import (assert_losses_close, assert_params_close, lm_batches,  # noqa: E402
+                          paging_kwargs, train_lm)
 
 VOCAB = 128
 LR, WEIGHT_DECAY = 3e-3, 0.01
@@ -47,19 +48,10 @@ def folder(tmp_path):
 
 
 def _batches(count: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(2)
-    return [torch.randint(0, VOCAB, (2, 16), generator=gen) for _ in range(count)]
+    return lm_batches(VOCAB, count, seed=2)
 
 
-def _train(model, opt, batches) -> list[float]:
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+_train = train_lm
 
 
 def _wrap_kwargs(model) -> dict:

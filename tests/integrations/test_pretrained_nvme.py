@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
 
 import heteromem as hm  # noqa: E402
 from heteromem.memory.nvme import staging_bytes  # noqa: E402
-from wrap_helpers import nvme_host_budget, paging_kwargs  # noqa: E402
+from wrap_helpers import lm_batches, nvme_host_budget, paging_kwargs, train_lm  # noqa: E402
 
 VOCAB = 256
 
@@ -86,16 +86,7 @@ def _load(path: Path, saved: torch.nn.Module, dtype: torch.dtype, nvme: Path | N
 
 
 def _train(model, opt, steps: int, seed: int = 2) -> list[float]:
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, VOCAB, (2, 16), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_lm(model, opt, lm_batches(VOCAB, steps, seed))
 
 
 def _files_in(folder: Path) -> list[str]:

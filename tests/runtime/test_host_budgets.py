@@ -9,22 +9,12 @@ import pytest
 import torch
 
 import heteromem as hm
-from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, param_bytes
+from wrap_helpers import gpt_batches, gpt_pair, paging_kwargs, param_bytes, train_accumulating
 
 
 def _train(model, opt, cfg, steps: int = 3, accumulate: int = 2) -> list[float]:
-    losses = []
-    for idx, tgt in gpt_batches(cfg, steps, batch=2 * accumulate):
-        total = 0.0
-        for part in range(accumulate):
-            sl = slice(part * 2, (part + 1) * 2)
-            loss = model(idx[sl], tgt[sl]) / accumulate
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses
+    return train_accumulating(model, opt, gpt_batches(cfg, steps, batch=2 * accumulate),
+                              accumulate)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 import heteromem as hm  # noqa: E402
 from wrap_helpers import (assert_losses_close, assert_pages, assert_params_close,  # noqa: E402
-                          paging_kwargs, param_bytes)
+                          lm_batches, paging_kwargs, param_bytes, train_lm)
 
 VOCAB = 128
 
@@ -50,16 +50,7 @@ def _pair(build, attn: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def _train(model, opt, steps: int) -> list[float]:
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, VOCAB, (2, 16), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_lm(model, opt, lm_batches(VOCAB, steps, seed=1))
 
 
 def _wrap_fp32(ref, model):

@@ -106,6 +106,26 @@ def assert_params_close(got: dict, ref: dict, tol: float = TOL, skip: tuple[str,
     assert checked > 0
 
 
+def lm_batches(vocab: int, count: int, seed: int, shape: tuple[int, int] = (2, 16)
+               ) -> list[torch.Tensor]:
+    """`count` batches of token ids for a transformers causal LM (inputs and labels)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, shape, generator=gen) for _ in range(count)]
+
+
+def train_lm(model, opt, batches) -> list[float]:
+    """One step per batch of token ids on a transformers causal LM (labels = inputs);
+    returns the losses."""
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def train_accumulating(model, opt, batches, accumulate: int = 2) -> list[float]:
     """One step per (idx, tgt) batch, its rows split into `accumulate` micro-batches whose
     gradients add up (each loss divided by `accumulate`); returns each step's summed loss."""
