@@ -11,7 +11,7 @@ as the zeros of fresh pool slots), and the disk holds no second copy of a frozen
 
 The files are opened read-only and stay open while the model lives (a file replaced by a new
 one, as a download or an export does, keeps the old one readable); a file changed in place
-since the wrap is refused at the next read, naming it. The reads are buffered (safetensors
+since the wrap is refused at the next read (`hm.StorageError`, ESTALE), naming it. The reads are buffered (safetensors
 offsets are not 4096-aligned, and the page cache serves a base read every step), on two
 threads of their own, so they overlap the host -> device copies like the tier's other reads.
 
@@ -21,12 +21,16 @@ the frozen pool first (`NvmeTier.store`).
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+
+from heteromem.errors import storage_error
 
 
 class FileSpan(NamedTuple):
@@ -73,10 +77,11 @@ class _Source:
     def check(self) -> None:
         st = os.fstat(self.file.fileno())
         if (st.st_size, st.st_mtime_ns) != self.seen:
-            raise OSError(
-                5, f"heteromem: checkpoint file {self.path} changed since the model was loaded "
-                   "from it (its frozen parameters are read from it); keep the files of a "
-                   "loaded model unchanged (write new ones elsewhere), or load the model again")
+            raise storage_error(
+                errno.ESTALE, f"heteromem: checkpoint file {self.path} changed since the model "
+                "was loaded from it (parameter values are read from it); keep the files of a "
+                "loaded model unchanged (write new ones elsewhere), or load the model again",
+                self.path)
 
 
 class SourceFiles:
@@ -87,6 +92,8 @@ class SourceFiles:
     def __init__(self) -> None:
         self._files: dict[str, _Source] = {}
         self._pool: ThreadPoolExecutor | None = None
+        # The training thread (host cache) and the update worker (steps) both submit.
+        self._lock = threading.Lock()
         self.bytes_read = 0
 
     def open(self, paths: set[str]) -> None:
@@ -100,10 +107,12 @@ class SourceFiles:
         """Starts reading the image's parameter bytes into the front of `into` (a uint8 host
         buffer at least as long), gaps zeroed, then calls `then()` on the reader thread;
         `result()` raises OSError naming the file."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="heteromem-ckpt")
-        self.bytes_read += sum(s.nbytes for s in image.spans)
-        return self._pool.submit(self._read, image, into, then)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.THREADS,
+                                                thread_name_prefix="heteromem-ckpt")
+            self.bytes_read += sum(s.nbytes for s in image.spans)
+            return self._pool.submit(self._read, image, into, then)
 
     def _read(self, image: FileImage, into: torch.Tensor, then: Callable[[], None] | None) -> None:
         view = memoryview(into.numpy()).cast("B")
@@ -119,22 +128,23 @@ class SourceFiles:
                                   [view[span.at + done:span.at + span.nbytes]],
                                   span.offset + done)
                 except OSError as exc:
-                    raise OSError(exc.errno, f"heteromem: reading {span.nbytes} bytes at offset "
-                                  f"{span.offset} of checkpoint file {span.path} failed: "
-                                  f"{os.strerror(exc.errno)}") from None
+                    raise storage_error(exc.errno, f"heteromem: reading {span.nbytes} bytes at "
+                                        f"offset {span.offset} of checkpoint file {span.path} "
+                                        f"failed: {os.strerror(exc.errno)}", span.path) from None
                 if n == 0:
-                    raise OSError(5, f"heteromem: checkpoint file {span.path} ends before "
-                                  f"offset {span.offset + span.nbytes}: it was truncated since "
-                                  "the model was loaded from it; restore it, or load the "
-                                  "model again")
+                    raise storage_error(errno.EIO, f"heteromem: checkpoint file {span.path} "
+                                        f"ends before offset {span.offset + span.nbytes}: it "
+                                        "was truncated since the model was loaded from it; "
+                                        "load the model again", span.path)
                 done += n
         if then is not None:
             then()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         for source in self._files.values():
             source.file.close()
         self._files.clear()

@@ -187,7 +187,7 @@ def test_a_file_changed_in_place_after_the_load_is_refused_by_name(tmp_path):
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 1]))
     os.utime(shard, ns=(0, 10**18))  # a new modification time, as any writer leaves
-    with pytest.raises(OSError, match=str(shard.name)) as info:
+    with pytest.raises(hm.StorageError, match=str(shard.name)) as info:
         _train(model, opt, 1)
     assert "changed since the model was loaded" in str(info.value)
 
@@ -253,3 +253,41 @@ def test_dropping_the_model_closes_the_files_and_stops_the_readers(tmp_path):
         t.join(timeout=10)
         assert not t.is_alive(), t.name
     assert _files_in(tmp_path / "nvme") == []
+
+
+def test_a_failed_read_of_the_files_in_a_step_loses_nothing(tmp_path, monkeypatch):
+    """The first step reads each chunk's values from the checkpoint files: an EIO there
+    raises naming the file, and once the disk answers again `opt.step()` finishes the step
+    exactly (nvme.md "Faults")."""
+    import errno
+
+    from heteromem.memory import file_image
+
+    path, saved = _save(tmp_path, torch.bfloat16)
+    model, opt = _load(path, saved, torch.bfloat16, tmp_path / "nvme", lora=False)
+    plain, popt = _load(path, saved, torch.bfloat16, None, lora=False)
+    [ids] = lm_batches(VOCAB, 1, seed=7)
+    want = plain(input_ids=ids, labels=ids).loss
+    want.backward()
+    popt.step()
+    popt.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.item() == want.item()
+    real, calls = os.preadv, []
+
+    def failing(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) > 1:  # one chunk's values read, then the disk fails
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(file_image.os, "preadv", failing)
+    with pytest.raises(hm.StorageError, match="checkpoint file .*safetensors") as info:
+        opt.step()
+    assert info.value.errno == errno.EIO
+    monkeypatch.setattr(file_image.os, "preadv", real)
+    opt.step()
+    opt.zero_grad()
+    assert _train(model, opt, 3) == _train(plain, popt, 3)
+    _assert_same_state(model, plain)
