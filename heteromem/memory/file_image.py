@@ -44,12 +44,12 @@ class FileSpan(NamedTuple):
 
 @dataclass(eq=False)
 class FileImage:
-    """Where a frozen chunk's values are in the checkpoint files; `gaps` are the byte ranges
-    of its parameter region no span covers (zeros)."""
+    """Where a chunk's parameter values are in the checkpoint files; `gaps` are the byte
+    ranges of its parameter region no span covers (zeros). A frozen chunk's whole image."""
 
     spans: list[FileSpan]
     gaps: list[tuple[int, int]]
-    layout: object  # the chunk's ImageLayout (frozen)
+    layout: object  # the chunk's ImageLayout
 
     @staticmethod
     def of(spans: list[FileSpan], nbytes: int, layout: object) -> FileImage:
