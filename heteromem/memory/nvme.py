@@ -10,9 +10,11 @@ spare slot and then *commits* by pointing the chunk at that slot, the old one be
 spare. So each chunk's update is atomic (its old image or its new one, never a mix), and a
 failed write leaves the old image in place.
 
-A frozen chunk loaded from safetensors files that hold its parameters in the compute dtype
-(`hm.from_pretrained`, `hm.wrap(weights=...)`) has no image in the pools: its `FileImage`
-reads them from those files (`file_image.py`), so a LoRA base is never copied here.
+A chunk loaded from safetensors files that hold its parameters in the compute dtype
+(`hm.from_pretrained`, `hm.wrap(weights=...)`) reads its values from those files
+(`file_image.py`): a frozen chunk has no image in the pools at all (its `FileImage`), a
+trainable one until its first update writes its whole image (`NvmeImage.values`). So a load
+onto NVMe copies nothing, and a LoRA base is never copied here.
 
 A sharded model commits only once every rank has written all its chunks (`agree`), so that no
 rank moves on without the others: its pools then hold a spare slot for every chunk.
@@ -282,7 +284,7 @@ class NvmeTier:
         # both step chunks; loads and stores hold slot 0 between them only when quiet).
         self.staging_lock = threading.RLock()
         self._pools: dict[str, SlotPool] = {}
-        # The checkpoint files frozen chunks loaded from them are read from (`FileImage`).
+        # The checkpoint files chunks loaded from them read their values from (`FileImage`).
         self.sources = SourceFiles()
         self._zero_block: torch.Tensor | None = None
         self.bytes_read = 0
