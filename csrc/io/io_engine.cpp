@@ -53,15 +53,15 @@ int Engine::take_fault(FaultSite site) {
   return fault.error;
 }
 
-int64_t Engine::open(const std::string& path, bool create, Status* status) {
-  int direct_fault;
-  {
+int64_t Engine::open(const std::string& path, bool create, Status* status, bool readonly) {
+  int direct_fault = 0;
+  if (!readonly) {  // a read-only file makes no O_DIRECT attempt to fail
     std::lock_guard<std::mutex> lock(mutex_);
     direct_fault = take_fault(kFaultOpenDirect);
   }
   // NOTE: opened outside the lock: open(2) can block (NFS, a busy drive) and must not stall
   // the workers.
-  std::shared_ptr<File> f = File::open(path, create, direct_fault, status);
+  std::shared_ptr<File> f = File::open(path, create, readonly, direct_fault, status);
   if (!f) return -1;
   std::lock_guard<std::mutex> lock(mutex_);
   const int64_t handle = next_handle_++;

@@ -38,8 +38,9 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // A handle (>= 0), or -1 with *status set.
-  int64_t open(const std::string& path, bool create, Status* status);
+  // A handle (>= 0), or -1 with *status set. `readonly`: opened read-only and buffered (see
+  // File::open).
+  int64_t open(const std::string& path, bool create, Status* status, bool readonly = false);
   // Throw std::invalid_argument for an unknown handle.
   bool is_direct(int64_t handle) const;
   std::string path(int64_t handle) const;

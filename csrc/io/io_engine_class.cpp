@@ -45,9 +45,10 @@ class IoEngineClass : public torch::CustomClassHolder {
   }
 
   // (handle, errno, message): handle is -1 when errno is set.
-  std::tuple<int64_t, int64_t, std::string> open(const std::string& path, bool create) {
+  std::tuple<int64_t, int64_t, std::string> open(const std::string& path, bool create,
+                                                 bool readonly) {
     io::Status status;
-    const int64_t handle = engine_->open(path, create, &status);
+    const int64_t handle = engine_->open(path, create, &status, readonly);
     return {handle, status.error, status.message};
   }
 

@@ -36,11 +36,12 @@ int open_fd(const std::string& path, int flags) {
 
 }  // namespace
 
-std::shared_ptr<File> File::open(const std::string& path, bool create, int direct_fault,
-                                 Status* status) {
-  const int flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0);
+std::shared_ptr<File> File::open(const std::string& path, bool create, bool readonly,
+                                 int direct_fault, Status* status) {
+  const int flags = (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (create ? O_CREAT : 0);
   const std::string what = std::string(create ? "open (create) of " : "open of ") + path;
 #ifdef O_DIRECT
+  if (readonly) direct_fault = EINVAL;  // buffered by choice: go straight to the fallback
   int fd = -1;
   int error = direct_fault;
   if (error == 0) {

@@ -36,11 +36,13 @@ class File {
  public:
   // Opens `path` read-write (creating it when `create`), with O_DIRECT unless the filesystem
   // refuses it with EINVAL (tmpfs before Linux 6.6, some FUSE mounts), then buffered.
+  // `readonly`: read-only and buffered (files heteromem reads but does not own, such as
+  // checkpoints, whose offsets are not aligned for O_DIRECT); `create` must be false.
   // `direct_fault`: when non-zero the O_DIRECT attempt fails with this errno without being
   // made (a test hook for the fallback on filesystems that do support O_DIRECT).
   // Returns nullptr and sets *status on failure.
-  static std::shared_ptr<File> open(const std::string& path, bool create, int direct_fault,
-                                    Status* status);
+  static std::shared_ptr<File> open(const std::string& path, bool create, bool readonly,
+                                    int direct_fault, Status* status);
   ~File();
   File(const File&) = delete;
   File& operator=(const File&) = delete;

@@ -94,12 +94,14 @@ class PythonEngine:
         del self._faults[site]
         return fault[0]
 
-    def open(self, path: str, create: bool) -> tuple[int, int, str]:
+    def open(self, path: str, create: bool, readonly: bool = False) -> tuple[int, int, str]:
         with self._lock:
-            direct_fault = self._take_fault("open_direct")
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            # A read-only file is buffered by choice: no O_DIRECT attempt to fail.
+            direct_fault = 0 if readonly else self._take_fault("open_direct")
+        flags = ((os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+                 | (os.O_CREAT if create else 0))
         what = f"open (create) of {path}" if create else f"open of {path}"
-        direct = hasattr(os, "O_DIRECT")
+        direct = hasattr(os, "O_DIRECT") and not readonly
         fd = -1
         try:
             if direct:

@@ -114,18 +114,23 @@ class IoEngine:
 
     # ------------------------------------------------------------------ files
 
-    def open(self, path: str | os.PathLike, *, create: bool) -> IoFile:
+    def open(self, path: str | os.PathLike, *, create: bool, readonly: bool = False) -> IoFile:
         """Opens `path` for reading and writing (created when `create`), with O_DIRECT where
-        the filesystem allows it. Raises OSError naming the path."""
+        the filesystem allows it; with `readonly`, for reading only and buffered (a file
+        heteromem does not own, at offsets O_DIRECT could not take: a checkpoint). Raises
+        OSError naming the path."""
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError("IoEngine.open: path must be a str or os.PathLike, got "
                             f"{type(path).__name__}")
-        handle, code, message = self._impl.open(path, bool(create))
+        if readonly and create:
+            raise ValueError("IoEngine.open: a read-only file cannot be created; pass "
+                             "create=False")
+        handle, code, message = self._impl.open(path, bool(create), bool(readonly))
         if code:
             raise storage_error(code, message)
         direct = bool(self._impl.is_direct(handle))
-        if not direct:
+        if not direct and not readonly:
             folder = os.path.dirname(os.path.abspath(path))
             if folder not in self._buffered_dirs:
                 self._buffered_dirs.add(folder)

@@ -12,8 +12,8 @@ failed write leaves the old image in place.
 
 A chunk loaded from safetensors files that hold its parameters in the compute dtype
 (`hm.from_pretrained`, `hm.wrap(weights=...)`) reads its values from those files
-(`file_image.py`): a frozen chunk has no image in the pools at all (its `FileImage`), a
-trainable one until its first update writes its whole image (`NvmeImage.values`). So a load
+(`file_image.py`, `NvmeImage.values`): a frozen chunk has no slot in the pools at all, a
+trainable one reads them from there until its first update writes its whole image. So a load
 onto NVMe copies nothing, and a LoRA base is never copied here.
 
 A sharded model commits only once every rank has written all its chunks (`agree`), so that no
@@ -36,13 +36,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
-from heteromem.errors import OutOfMemory, format_bytes
+from heteromem.errors import OutOfMemory, format_bytes, storage_error
 from heteromem.io import IoEngine, IoFile, aligned_empty
 from heteromem.memory.chunk import Chunk
 from heteromem.memory.file_image import FileImage, FileSpan, SourceFiles
@@ -213,11 +212,12 @@ class SlotPool:
 @dataclass(eq=False)
 class NvmeImage:
     """Where a chunk's image is: its pool and slot. `values`: the chunk's parameter values
-    (and fp32 master) are not in the slot yet but in checkpoint files, until the chunk's
-    first update commits a whole image."""
+    (and fp32 master, their upcast) are not in the slot but in checkpoint files, until a
+    whole image is committed (a trainable chunk's first update; for a frozen chunk, which
+    then has no slot (None) nor pool, a checkpoint loaded into it)."""
 
-    pool: SlotPool
-    slot: int
+    pool: SlotPool | None
+    slot: int | None
     layout: ImageLayout
     values: FileImage | None = None
 
@@ -284,8 +284,8 @@ class NvmeTier:
         # both step chunks; loads and stores hold slot 0 between them only when quiet).
         self.staging_lock = threading.RLock()
         self._pools: dict[str, SlotPool] = {}
-        # The checkpoint files chunks loaded from them read their values from (`FileImage`).
-        self.sources = SourceFiles()
+        # The checkpoint files chunks loaded from them read their values from.
+        self.sources = SourceFiles(self.engine)
         self._zero_block: torch.Tensor | None = None
         self.bytes_read = 0
         self.bytes_written = 0
@@ -361,9 +361,9 @@ class NvmeTier:
         slot), and its values (and fp32 master, their exact upcast) are read from the files
         until its first update commits a whole image. Nothing else is read or written now."""
         self.sources.open({s.path for s in spans})
-        values = FileImage.of(spans, chunk.host_len * self.dtype.itemsize,
-                              self.layouts[chunk.trainable])
-        chunk.nvme = values if not chunk.trainable else self._place(chunk, None, values)
+        values = FileImage.of(spans, chunk.host_len * self.dtype.itemsize)
+        chunk.nvme = (self._place(chunk, None, values) if chunk.trainable
+                      else NvmeImage(None, None, self.layouts[False], values))
 
     def _place(self, chunk: Chunk, staging: StagingSlot | None,
                values: FileImage | None = None) -> NvmeImage:
@@ -411,17 +411,17 @@ class NvmeTier:
     def drop(self, chunk: Chunk) -> None:
         """The chunk's image is no longer needed (its state moved elsewhere)."""
         image, chunk.nvme = chunk.nvme, None
-        if not isinstance(image, FileImage):
+        if image.slot is not None:
             image.pool.give(image.slot)
         self.drop_grads(chunk)
 
     # ------------------------------------------------------------------ reading and writing
 
-    def _wait(self, ticket: int | Future) -> None:
+    def _wait(self, ticket: int | list[int]) -> None:
         start = time.perf_counter()
         try:
-            if isinstance(ticket, Future):  # a read of checkpoint files (`FileImage`)
-                ticket.result()
+            if isinstance(ticket, list):  # the spans of a read of checkpoint files
+                self._wait_files(ticket)
             else:
                 self.engine.wait(ticket)
         finally:
@@ -440,42 +440,49 @@ class NvmeTier:
         self.bytes_read += buf.numel()
         return self.engine.submit_read(pool.file, offset, buf)
 
-    def submit_read_params(self, chunk: Chunk, into: torch.Tensor) -> int:
+    def _wait_files(self, tickets: list[int]) -> None:
+        for i, ticket in enumerate(tickets):
+            try:
+                self.engine.wait(ticket)
+            except OSError as exc:
+                for rest in tickets[i + 1:]:
+                    self._drain(rest)
+                raise storage_error(exc.errno, f"heteromem: checkpoint file read failed "
+                                    f"(parameter values are read from it): {exc.strerror}",
+                                    exc.filename) from None
+
+    def submit_read_params(self, chunk: Chunk, into: torch.Tensor) -> int | list[int]:
         """Starts reading the chunk's parameters (compute dtype) into the front of `into`, an
         aligned uint8 host buffer of at least the aligned parameter bytes; returns the ticket
         to wait."""
         image = chunk.nvme
         raw = into[: aligned(chunk.host_len * image.layout.dtype.itemsize)]
-        values = image if isinstance(image, FileImage) else image.values
-        if values is not None:
-            return self._read_files(values, raw)
+        if image.values is not None:
+            return self._read_files(image.values, raw)
         return self._submit(image.pool, image.slot, raw, write=False)
 
-    def _read_files(self, values: FileImage, into: torch.Tensor,
-                    then: Callable[[], None] | None = None) -> Future:
+    def _read_files(self, values: FileImage, into: torch.Tensor) -> list[int]:
         self.bytes_read += sum(s.nbytes for s in values.spans)
-        return self.sources.submit_read(values, into, then)
+        return self.sources.submit_read(values, into)
 
-    def _read_values_into(self, chunk: Chunk, staging: StagingSlot) -> Future:
-        """Reads the values of a chunk whose image has them in checkpoint files into
-        `staging`'s parameter region, then its fp32 master region (if any) as their upcast:
-        what the wrap would have written there."""
-        layout = chunk.nvme.layout
+    def _master_from_values(self, chunk: Chunk, staging: StagingSlot) -> None:
+        """After the values of a trainable chunk still in checkpoint files were read into
+        `staging`: its fp32 master region becomes their upcast, what the wrap would have
+        written there (in fp32 the parameters are the master)."""
+        image = chunk.nvme
+        if image.values is not None and "master" in image.layout.regions:
+            staging.view("master", chunk.host_len, image.layout).copy_(
+                staging.view("params", chunk.host_len, image.layout))
 
-        def master() -> None:
-            if "master" in layout.regions:
-                staging.view("master", chunk.host_len, layout).copy_(
-                    staging.view("params", chunk.host_len, layout))
-
-        return self._read_files(chunk.nvme.values, staging.image(layout), master)
-
-    def wait(self, ticket: int | Future) -> None:
+    def wait(self, ticket: int | list[int]) -> None:
         self._wait(ticket)
 
-    def submit_read_states(self, chunk: Chunk, staging: StagingSlot) -> list[int | Future]:
+    def submit_read_states(self, chunk: Chunk, staging: StagingSlot
+                           ) -> list[int | list[int]]:
         """Starts reading what an update needs of the image (the fp32 master and the
         optimizer's regions; in fp32 the parameters are the master) into `staging`; returns
-        the tickets to wait. Values still in checkpoint files are read from there."""
+        the tickets to wait. Values still in checkpoint files are read from there (then
+        `_master_from_values`)."""
         self._check_staging(chunk)
         image = chunk.nvme
         if image.values is None:
@@ -483,7 +490,8 @@ class NvmeTier:
             return [self._submit(image.pool, image.slot, staging.image(image.layout)[start:],
                                  write=False, skip=start)]
         names = [r.name for r in image.layout.states.state_regions]
-        tickets: list[int | Future] = [self._read_values_into(chunk, staging)]
+        tickets: list[int | list[int]] = [
+            self._read_files(image.values, staging.image(image.layout))]
         if names:
             start = image.layout.regions[names[0]].offset
             try:
@@ -499,6 +507,8 @@ class NvmeTier:
         """Starts writing `staging` as the chunk's new image into a spare slot; returns
         (ticket, slot). `commit` makes it the chunk's image once the ticket is waited."""
         image = chunk.nvme
+        if image.pool is None:  # a frozen chunk read from its files gets an image of its own
+            image.pool = self._pool_of(chunk)
         slot = image.pool.take()
         try:
             return self._submit(image.pool, slot, staging.image(image.layout), write=True), slot
@@ -510,7 +520,8 @@ class NvmeTier:
         image = chunk.nvme
         old, image.slot = image.slot, slot
         image.values = None  # the new image was written whole
-        image.pool.give(old)
+        if old is not None:
+            image.pool.give(old)
 
     def abandon(self, chunk: Chunk, slot: int) -> None:
         chunk.nvme.pool.give(slot)
@@ -523,31 +534,20 @@ class NvmeTier:
         staging = self.slots[slot_index]
         image = chunk.nvme
         with self.staging_lock:
-            if isinstance(image, FileImage):
-                self._wait(self.submit_read_params(chunk, staging.image(image.layout)))
-            else:
+            if image.slot is not None:
                 self._wait(self._submit(image.pool, image.slot, staging.image(image.layout),
                                         write=False))
-                if image.values is not None:
-                    self._wait(self._read_values_into(chunk, staging))
+            if image.values is not None:
+                self._wait(self._read_files(image.values, staging.image(image.layout)))
+                self._master_from_values(chunk, staging)
         return {name: staging.view(name, chunk.host_len, image.layout)
                 for name in image.layout.regions}
 
     def store(self, chunk: Chunk, slot_index: int = 0) -> None:
         """Writes staging slot `slot_index` (filled by `load` and changed) as the chunk's new
-        image, atomically: into a spare slot, then committed. A chunk read from checkpoint
-        files gets an image of its own in the frozen pool (the files are never written)."""
-        if isinstance(chunk.nvme, FileImage):
-            pool, staging = self.pool("frozen"), self.slots[slot_index]
-            slot = pool.take()
-            try:
-                self._wait(self._submit(pool, slot, staging.image(chunk.nvme.layout),
-                                        write=True))
-            except BaseException:
-                pool.give(slot)
-                raise
-            chunk.nvme = NvmeImage(pool, slot, chunk.nvme.layout)
-            return
+        image, atomically: into a spare slot, then committed (a chunk whose values were read
+        from checkpoint files has them in its own image from then on: the files are never
+        written)."""
         ticket, slot = self.submit_write_image(chunk, self.slots[slot_index])
         try:
             self._wait(ticket)
@@ -676,6 +676,7 @@ class NvmeTier:
                 assert target is chunk
                 for ticket in tickets:
                     self._wait(ticket)
+                self._master_from_values(chunk, self.slots[staging])
                 update(chunk, self.slots[staging])
                 ticket, slot = self.submit_write_image(chunk, self.slots[staging])
                 writes.append((chunk, staging, slot, ticket))
@@ -692,14 +693,12 @@ class NvmeTier:
                 self.abandon(chunk, slot)
             raise
 
-    def _drain(self, ticket: int | Future) -> None:
-        try:
-            if isinstance(ticket, Future):
-                ticket.result()
-            else:
-                self.engine.wait(ticket)
-        except OSError:
-            pass
+    def _drain(self, ticket: int | list[int]) -> None:
+        for t in ticket if isinstance(ticket, list) else [ticket]:
+            try:
+                self.engine.wait(t)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ lifetime
 
@@ -714,8 +713,8 @@ class NvmeTier:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
-        self.engine.shutdown()
         self.sources.close()
+        self.engine.shutdown()
         self._cleanup()
 
 

@@ -248,20 +248,18 @@ def test_dropping_the_model_closes_the_files_and_stops_the_readers(tmp_path):
     del model, opt
     gc.collect()
     assert _open_files_under(path) == []
-    # The reader threads exit once their pool is collected: join them (bounded).
+    # No checkpoint thread outlives the model (joined, bounded).
     for t in [t for t in threading.enumerate() if t.name.startswith("heteromem-ckpt")]:
         t.join(timeout=10)
         assert not t.is_alive(), t.name
     assert _files_in(tmp_path / "nvme") == []
 
 
-def test_a_failed_read_of_the_files_in_a_step_loses_nothing(tmp_path, monkeypatch):
+def test_a_failed_read_of_the_files_in_a_step_loses_nothing(tmp_path):
     """The first step reads each chunk's values from the checkpoint files: an EIO there
     raises naming the file, and once the disk answers again `opt.step()` finishes the step
     exactly (nvme.md "Faults")."""
     import errno
-
-    from heteromem.memory import file_image
 
     path, saved = _save(tmp_path, torch.bfloat16)
     model, opt = _load(path, saved, torch.bfloat16, tmp_path / "nvme", lora=False)
@@ -274,19 +272,11 @@ def test_a_failed_read_of_the_files_in_a_step_loses_nothing(tmp_path, monkeypatc
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert loss.item() == want.item()
-    real, calls = os.preadv, []
-
-    def failing(fd, buffers, offset):
-        calls.append(offset)
-        if len(calls) > 1:  # one chunk's values read, then the disk fails
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(file_image.os, "preadv", failing)
+    # The step's first request is the first chunk's first tensor read from the files.
+    model._heteromem.manager.nvme.engine.inject_fault("read", errno.EIO)
     with pytest.raises(hm.StorageError, match="checkpoint file .*safetensors") as info:
         opt.step()
     assert info.value.errno == errno.EIO
-    monkeypatch.setattr(file_image.os, "preadv", real)
     opt.step()
     opt.zero_grad()
     assert _train(model, opt, 3) == _train(plain, popt, 3)

@@ -231,6 +231,32 @@ def test_a_filesystem_without_o_direct_falls_back_to_buffered_with_one_warning(e
     assert torch.equal(back, out)
 
 
+def test_a_read_only_file_is_buffered_reads_anywhere_and_refuses_writes(engine, tmp_path):
+    """What the NVMe tier opens checkpoint files with: no O_DIRECT (their offsets are not
+    aligned), no warning about it, an armed open_direct fault left for the next file."""
+    path = tmp_path / "weights.bin"
+    data = pattern(10_000)
+    path.write_bytes(data.numpy().tobytes())
+    engine.inject_fault("open_direct", errno.EINVAL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f = engine.open(path, create=False, readonly=True)
+    assert not f.direct
+    assert not [w for w in caught if issubclass(w.category, HeteromemWarning)]
+    back = torch.empty(777, dtype=torch.uint8)
+    engine.read(f, 1234, back)
+    assert torch.equal(back, data[1234:1234 + 777])
+    with pytest.raises(OSError) as info:
+        engine.write(f, 0, back)
+    assert info.value.errno == errno.EBADF and str(path) in str(info.value)
+    assert file_bytes(path) == data.numpy().tobytes()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert not engine.open(tmp_path / "next.bin", create=True).direct  # the fault fired
+    with pytest.raises(ValueError, match="read-only file cannot be created"):
+        engine.open(tmp_path / "new.bin", create=True, readonly=True)
+
+
 def test_dev_shm_is_direct_exactly_when_the_kernel_allows(engine):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
